@@ -1,0 +1,277 @@
+"""The teacher cache: one Zarr v3 group, its layout, its attributes, and the unit write/read rules.
+
+Layout (E cached epochs, S train shards, P = longest train shard, K = top-K, N = view-parameter count)::
+
+    <cache>/zarr.json                  attributes: schema, fingerprint, K, classes, teacher, recipe, versions ...
+    train/topk_logits   float16 [E, S, P, K]   raw teacher logits, sorted descending
+    train/topk_ids      uint16|int32 [E, S, P, K]  their class ids (uint16 up to 65,535 classes)
+    train/lse           float32 [E, S, P]      logsumexp of the full logit vector
+    train/view          float32 [E, S, P, N]   the explicit view parameters (`pipeline.views.PARAM_FIELDS`)
+    train/digest        uint64  [E, S, P]      64-bit digest of the teacher's uint8 view; 0 = no view here
+    train/labels        int32   [S, P]         ground-truth labels (written by the epoch-0 units)
+    train/done          uint8   [E, G]         1 once unit (epoch, shard group) is durable
+    val/topk_logits, val/topk_ids, val/lse, val/digest [Sv, Pv, ...], val/labels, val/done [Gv]
+
+A work unit is (epoch, group of `shards_per_unit` consecutive shards) and owns whole chunks of every array
+(chunk shape (1, shards_per_unit, P, ...)), so exactly one writer ever touches a chunk: zarr-python loses
+data on concurrent partial writes of one chunk (zarr-python issue #3682). A unit's `done` flag lives in a
+chunk of its own and is written only after the unit's data chunks are written and fsynced; readers trust
+only done units, and a restart redoes every unit that is not done. Every chunk carries a crc32c checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+SCHEMA = "distill-cache/1"
+SPLITS = ("train", "val")
+
+
+class CacheError(RuntimeError):
+    """The cache is missing, incomplete, corrupt or does not match the run spec; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """Shapes of one split. `epochs` is None for val (its views are the teacher's eval transform)."""
+
+    shards: int
+    positions: int
+    top_k: int
+    num_classes: int
+    n_params: int
+    shards_per_unit: int
+    epochs: int | None
+
+    @property
+    def groups(self) -> int:
+        return -(-self.shards // self.shards_per_unit)
+
+    @property
+    def id_dtype(self) -> str:
+        return "uint16" if self.num_classes <= 65535 else "int32"
+
+    def group_shards(self, group: int) -> range:
+        return range(group * self.shards_per_unit, min((group + 1) * self.shards_per_unit, self.shards))
+
+
+def _compressors(dtype: str) -> list:
+    # byte-shuffled zstd inside blosc, then a crc32c so a flipped byte is caught on read
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
+
+
+def _array_specs(layout: CacheLayout) -> dict[str, tuple[tuple, tuple, str]]:
+    """name -> (shape, chunks, dtype) for one split."""
+    e = () if layout.epochs is None else (layout.epochs,)
+    e1 = () if layout.epochs is None else (1,)
+    s, p, k, u = layout.shards, layout.positions, layout.top_k, layout.shards_per_unit
+    specs = {
+        "topk_logits": (e + (s, p, k), e1 + (u, p, k), "float16"),
+        "topk_ids": (e + (s, p, k), e1 + (u, p, k), layout.id_dtype),
+        "lse": (e + (s, p), e1 + (u, p), "float32"),
+        "digest": (e + (s, p), e1 + (u, p), "uint64"),
+        "labels": ((s, p), (u, p), "int32"),
+        "done": (e + (layout.groups,), e1 + (1,), "uint8"),
+    }
+    if layout.epochs is not None:
+        specs["view"] = (e + (s, p, layout.n_params), e1 + (u, p, layout.n_params), "float32")
+    return specs
+
+
+def create(path: str, layouts: dict[str, CacheLayout], attrs: dict[str, Any]) -> zarr.Group:
+    """Create a new cache, or open an existing one with the same fingerprint and grow its epoch axis to
+    `layouts['train'].epochs` (appending epochs never touches the old ones).
+
+    Never overwrites: arrays that already exist (a creation killed half-way, or an independent job that
+    created them first) are checked against the layout and kept; the attributes are written last."""
+    root = zarr.open_group(path, mode="a")
+    if SCHEMA_KEY in root.attrs:
+        check_fingerprint(root, attrs)
+        want = layouts["train"].epochs
+        if want > root["train"]["done"].shape[0]:
+            for name, arr in root["train"].arrays():
+                if name != "labels":
+                    arr.resize((want,) + arr.shape[1:])
+            root.attrs["epochs"] = want
+        return root
+    for split, layout in layouts.items():
+        grp = root.require_group(split)
+        for name, (shape, chunks, dtype) in _array_specs(layout).items():
+            if name in grp:
+                arr = grp[name]
+                if arr.shape != shape or arr.chunks != chunks or arr.dtype != np.dtype(dtype):
+                    raise CacheError(f"{path}/{split}/{name} exists with shape {arr.shape}, chunks {arr.chunks}, "
+                                     f"{arr.dtype}; this run needs {shape}, {chunks}, {dtype}: use a new cache.path")
+                continue
+            try:
+                grp.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                                 compressors=_compressors(dtype))
+            except zarr.errors.ContainsArrayError:
+                pass  # an independent job created it a moment ago
+    root.attrs.update({**attrs, SCHEMA_KEY: SCHEMA, "epochs": layouts["train"].epochs})
+    return root
+
+
+SCHEMA_KEY = "schema"
+
+# attributes that define what the cached numbers mean; a student that disagrees on any of them must stop
+FINGERPRINT_FIELDS = ("seed", "top_k", "recipe", "teacher", "classes", "shards", "teacher_size")
+
+
+def fingerprint(attrs: dict[str, Any]) -> str:
+    blob = json.dumps({k: attrs.get(k) for k in FINGERPRINT_FIELDS}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_fingerprint(root: zarr.Group, expected: dict[str, Any]) -> None:
+    """Raise naming the first field on which the cache and the run spec disagree, with both values."""
+    have = dict(root.attrs)
+    for field in FINGERPRINT_FIELDS:
+        if field in expected and have.get(field) != _jsonable(expected[field]):
+            raise CacheError(
+                f"cache {root.store} was built with a different {field}: cache has {_short(have.get(field))}, "
+                f"the run spec has {_short(expected[field])}. Point cache.path at a new directory, or change "
+                f"the manifest's {field} back to the cache's value."
+            )
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def open_cache(path: str, mode: str = "r") -> zarr.Group:
+    """Open an existing cache; a clear error if there is none."""
+    try:
+        root = zarr.open_group(path, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise CacheError(f"no teacher cache at {path}: run `make teacher-cache` first (or pass CACHE=...)") from e
+    if root.attrs.get(SCHEMA_KEY) != SCHEMA:
+        raise CacheError(f"{path} is not a teacher cache of schema {SCHEMA} (found {root.attrs.get(SCHEMA_KEY)!r})")
+    return root
+
+
+def layout_of(root: zarr.Group, split: str) -> CacheLayout:
+    grp = root[split]
+    logits = grp["topk_logits"]
+    has_epochs = split == "train"
+    shape = logits.shape[1:] if has_epochs else logits.shape
+    return CacheLayout(
+        shards=shape[0], positions=shape[1], top_k=shape[2], num_classes=len(root.attrs["classes"]),
+        n_params=grp["view"].shape[-1] if has_epochs else 0,
+        shards_per_unit=logits.chunks[1] if has_epochs else logits.chunks[0],
+        epochs=logits.shape[0] if has_epochs else None,
+    )
+
+
+def done_units(root: zarr.Group, split: str = "train") -> np.ndarray:
+    """Boolean done flags: [E, G] for train, [G] for val."""
+    return root[split]["done"][...] == 1
+
+
+def unit_region(layout: CacheLayout, epoch: int | None, group: int) -> tuple:
+    shards = layout.group_shards(group)
+    sl = slice(shards.start, shards.stop)
+    return (sl,) if epoch is None else (epoch, sl)
+
+
+def write_unit(root: zarr.Group, split: str, epoch: int | None, group: int, data: dict[str, np.ndarray]) -> None:
+    """Write one unit's arrays (each shaped [shards in group, P, ...]), make them durable, then mark it done.
+
+    `labels` is written only by the epoch-0 unit (or the val unit), so its chunks also have one writer."""
+    grp = root[split]
+    layout = layout_of(root, split)
+    region = unit_region(layout, epoch, group)
+    for name, values in data.items():
+        if name == "labels":
+            if epoch in (None, 0):
+                grp["labels"][region[-1]] = values
+            continue
+        grp[name][region] = values
+    _fsync_chunks(root, split, epoch, group, list(data))
+    done_at = (group,) if epoch is None else (epoch, group)
+    grp["done"][done_at] = 1
+    _fsync_chunks(root, split, epoch, group, ["done"])
+
+
+def _fsync_chunks(root: zarr.Group, split: str, epoch: int | None, group: int, names: list[str]) -> None:
+    """fsync the unit's chunk files where the store is a local directory (object stores are durable on PUT)."""
+    local_root = getattr(root.store, "root", None)
+    if local_root is None:
+        return
+    for name in names:
+        if name == "labels" and epoch not in (None, 0):
+            continue
+        if name == "done":
+            key = [str(group)] if epoch is None else [str(epoch), str(group)]
+        elif name == "labels":
+            key = [str(group), "0"]
+        else:
+            nd = root[split][name].ndim
+            key = ([] if epoch is None else [str(epoch)]) + [str(group)] + ["0"] * (nd - (1 if epoch is None else 2))
+        chunk = Path(local_root, split, name, "c", *key)
+        if chunk.exists():
+            fd = os.open(chunk, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def require_done(root: zarr.Group, split: str, epoch: int | None, shard: int) -> None:
+    layout = layout_of(root, split)
+    group = shard // layout.shards_per_unit
+    flag = root[split]["done"][(group,) if epoch is None else (epoch, group)]
+    if flag != 1:
+        where = f"epoch {epoch}, " if epoch is not None else ""
+        raise CacheError(
+            f"cache {root.store}: {split} unit ({where}shard group {group}, shards "
+            f"{list(layout.group_shards(group))}) is not complete: resume `make teacher-cache` to finish it"
+        )
+
+
+def read_slab(root: zarr.Group, split: str, epoch: int | None, shard: int,
+              fields: tuple[str, ...] = ("topk_logits", "topk_ids", "lse", "digest", "view")) -> dict[str, np.ndarray]:
+    """One contiguous read of a shard's cached answers ([P, ...] per field). Refuses units that are not done."""
+    require_done(root, split, epoch, shard)
+    grp = root[split]
+    out = {}
+    for name in fields:
+        if name not in grp:
+            continue
+        arr = grp[name]
+        out[name] = arr[shard] if (epoch is None or name == "labels") else arr[epoch, shard]
+    return out
+
+
+def disk_usage(path: str) -> int | None:
+    """Bytes on disk of a local cache (None for a remote URL)."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    root = Path(path.removeprefix("file://"))
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def cached_views(path: str) -> int:
+    """Views held by complete units, train and val together."""
+    root = open_cache(path)
+    total = 0
+    for split in SPLITS:
+        counts = [n for _, n, _ in root.attrs["shards"][split]]
+        layout = layout_of(root, split)
+        per_group = np.array([sum(counts[s] for s in layout.group_shards(g)) for g in range(layout.groups)])
+        total += int((done_units(root, split) * per_group).sum())
+    return total

@@ -1,0 +1,105 @@
+"""Evaluation of a student on the val shards: top-1 of the class head, the distillation head and their
+average (the joint prediction DeiT reports), and how often each agrees with the teacher's top-1 on the
+val split, read from the cache (`val/topk_ids[..., 0]`).
+
+The student sees timm's eval view of each image (`views.eval_view`: resize to size / crop_pct, centre
+crop) at its own resolution with its own crop_pct; the teacher's cached answer is for its own eval view.
+Val shards are dealt to ranks and loader workers by index; counts are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline import cache, views
+from pipeline.manifest import Manifest
+from pipeline.reader import dataloader_worker, read_shard
+from pipeline.shards import ShardList
+from pipeline.student import Student, heads
+from pipeline.teacher import normalize
+
+HEADS = ("class", "dist", "joint")
+
+
+class ValViews(IterableDataset):
+    """Batches of one rank's val shards: uint8 eval views [B, H, W, 3], labels [B], teacher_top1 [B]."""
+
+    def __init__(self, m: Manifest, shardlist: ShardList, crop_pct: float, rank: int, world_size: int):
+        self.m, self.shardlist, self.crop_pct = m, shardlist, crop_pct
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        worker, workers = dataloader_worker()
+        root = cache.open_cache(self.m.cache.path)
+        size, batch = self.m.student.img_size, self.m.student.batch_size
+        shards = range(len(self.shardlist.shards))[self.rank::self.world_size][worker::workers]
+        pending = []
+        for shard in shards:
+            slab = cache.read_slab(root, "val", None, shard, ("topk_ids", "digest"))
+            for sample in read_shard(self.shardlist, shard, on_error=self.m.data.on_error):
+                if slab["digest"][sample.pos] == 0:
+                    raise cache.CacheError(f"cache {self.m.cache.path}: val shard {shard} position {sample.pos} "
+                                           f"({sample.key!r}) has no teacher answer: the val shards changed since "
+                                           f"the cache was filled; rebuild the cache")
+                pending.append((views.eval_view(sample.image, size, self.crop_pct), sample.label,
+                                int(slab["topk_ids"][sample.pos, 0])))
+                if len(pending) == batch:
+                    yield _collate(pending)
+                    pending = []
+        if pending:
+            yield _collate(pending)
+
+
+def _collate(records) -> dict[str, torch.Tensor]:
+    images, labels, teacher = zip(*records)
+    return {"views": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels),
+            "teacher_top1": torch.tensor(teacher)}
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, student: Student, loader, device: torch.device) -> dict[str, float]:
+    """Top-1 accuracy and teacher agreement of each head over the loader's batches (summed over ranks under
+    torch.distributed). Returns top1_{class,dist,joint}, agree_{class,dist,joint}, teacher_top1, samples."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2 * len(HEADS) + 2, dtype=torch.float64, device=device)
+    for batch in loader:
+        x = normalize(batch["views"].to(device), student.mean, student.std)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            cls_logits, dist_logits = heads(model, x)
+        cls_logits, dist_logits = cls_logits.float(), dist_logits.float()
+        labels, teacher = batch["labels"].to(device), batch["teacher_top1"].to(device)
+        preds = (cls_logits.argmax(1), dist_logits.argmax(1), (cls_logits + dist_logits).argmax(1))
+        counts += torch.stack([(p == labels).sum() for p in preds] + [(p == teacher).sum() for p in preds]
+                              + [(teacher == labels).sum(), torch.tensor(len(labels), device=device)]).double()
+    model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    counts = counts.tolist()
+    n = counts[-1]
+    result = {f"top1_{h}": counts[i] / n for i, h in enumerate(HEADS)}
+    result |= {f"agree_{h}": counts[len(HEADS) + i] / n for i, h in enumerate(HEADS)}
+    return result | {"teacher_top1": counts[-2] / n, "samples": int(n)}
+
+
+class Evaluator:
+    """Decides when to evaluate (every `student.eval_every` epochs and after the last; eval_every <= 0 means
+    only after the last) and runs the evaluation on this rank's share of the val shards."""
+
+    def __init__(self, m: Manifest, shardlist: ShardList, student: Student, device: torch.device,
+                 rank: int = 0, world_size: int = 1):
+        self.m, self.student, self.device = m, student, device
+        self.dataset = ValViews(m, shardlist, student.crop_pct, rank, world_size)
+
+    def due(self, epoch: int) -> bool:
+        every, last = self.m.student.eval_every, epoch + 1 == self.m.student.epochs
+        return last or (every > 0 and (epoch + 1) % every == 0)
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        workers = self.m.student.workers
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                            prefetch_factor=2 if workers else None)
+        return evaluate(model, self.student, loader, self.device)

@@ -1,0 +1,276 @@
+"""Stage 1: run the teacher over the shards under the fixed view recipe and fill the cache unit by unit.
+
+Work is split into units (epoch, group of shards) - see `pipeline.cache`. Units are dealt to ranks by their
+index alone (unit i goes to rank i mod world size), then to loader workers the same way, so a restarted or
+re-scaled run redoes exactly the units that are not done and never shares a chunk between writers.
+Teacher batches are runs of consecutive positions of one shard, so every view meets the teacher in the same
+batch whatever the rank or worker count: the cache is bit-identical across topologies.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from pipeline import cache, views
+from pipeline.manifest import Manifest, ManifestError
+from pipeline.reader import read_shard
+from pipeline.shards import ShardList, load_shardlist
+from pipeline.teacher import Teacher, load_teacher, normalize
+
+VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in VERSIONED}
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    split: str  # "train" or "val"
+    epoch: int | None  # None for val
+    group: int
+
+
+def all_units(layouts: dict[str, cache.CacheLayout]) -> list[Unit]:
+    """Every unit of the cache in a fixed order: val first (small, and what the statistics need), then train
+    epoch by epoch."""
+    units = [Unit("val", None, g) for g in range(layouts["val"].groups)]
+    train = layouts["train"]
+    units += [Unit("train", e, g) for e in range(train.epochs) for g in range(train.groups)]
+    return units
+
+
+def cache_attrs(m: Manifest, train: ShardList, val: ShardList, teacher_identity: dict) -> dict:
+    """The self-describing attributes; the fingerprint covers what the cached numbers mean."""
+    attrs = {
+        "seed": m.views.seed,
+        "top_k": m.cache.top_k,
+        "recipe": views.recipe(m.views),
+        "teacher": teacher_identity,
+        "classes": list(train.classes),
+        "shards": {name: [[Path(s.url).name, s.samples, s.sha256] for s in lst.shards]
+                   for name, lst in (("train", train), ("val", val))},
+        "teacher_size": m.teacher.img_size,
+        "shards_per_unit": m.cache.shards_per_unit,
+        "param_fields": list(views.PARAM_FIELDS),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    attrs["fingerprint"] = cache.fingerprint(attrs)
+    return attrs
+
+
+def layouts_for(m: Manifest, train: ShardList, val: ShardList) -> dict[str, cache.CacheLayout]:
+    num_classes = len(train.classes)
+    if m.cache.top_k > num_classes:
+        raise ManifestError(f"cache.top_k={m.cache.top_k} exceeds the {num_classes} classes of {m.data.train}: "
+                            f"set cache.top_k <= {num_classes}")
+    common = dict(top_k=m.cache.top_k, num_classes=num_classes, shards_per_unit=m.cache.shards_per_unit)
+    return {
+        "train": cache.CacheLayout(shards=len(train.shards), positions=max(s.samples for s in train.shards),
+                                   n_params=views.N_PARAMS, epochs=m.cache.epochs, **common),
+        "val": cache.CacheLayout(shards=len(val.shards), positions=max(s.samples for s in val.shards),
+                                 n_params=0, epochs=None, **common),
+    }
+
+
+class UnitViews(IterableDataset):
+    """Yields teacher batches: consecutive views of one shard, rendered from their stored parameters.
+
+    Each item: unit, shard, start position, views uint8 [b, H, W, 3], params float32 [b, N], digests
+    int64 [b] (uint64 bits), labels int32 [b], valid bool [b] (False where on_error=skip dropped a sample)."""
+
+    def __init__(self, m: Manifest, lists: dict[str, ShardList], units: list[Unit], eval_crop_pct: float):
+        self.m, self.lists, self.units, self.eval_crop_pct = m, lists, units, eval_crop_pct
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for unit in self.units[worker::workers]:
+            layout_spu = self.m.cache.shards_per_unit
+            shardlist = self.lists[unit.split]
+            first = unit.group * layout_spu
+            for shard in range(first, min(first + layout_spu, len(shardlist.shards))):
+                yield from self._shard_batches(unit, shardlist, shard)
+
+    def _shard_batches(self, unit: Unit, shardlist: ShardList, shard: int):
+        size, batch = self.m.teacher.img_size, self.m.cache.batch_size
+        pending = []
+        for record in self._shard_views(unit, shardlist, shard):
+            pending.append(record)
+            if len(pending) == batch:
+                yield self._collate(unit, shard, pending, size)
+                pending = []
+        if pending:
+            yield self._collate(unit, shard, pending, size)
+
+    def _shard_views(self, unit: Unit, shardlist: ShardList, shard: int):
+        """(pos, view, params, label) for every position, block by block so a mix partner is always at hand."""
+        n = shardlist.shards[shard].samples
+        window = self.m.views.mix.window
+        samples = read_shard(shardlist, shard, on_error=self.m.data.on_error)
+        pending = next(samples, None)
+        for block_start in range(0, n, window):
+            block = {}
+            while pending is not None and pending.pos < block_start + window:
+                block[pending.pos] = pending
+                pending = next(samples, None)
+            yield from self._render_block(unit, shard, n, block_start, min(block_start + window, n), block)
+
+    def _render_block(self, unit, shard, n, start, stop, block):
+        size = self.m.teacher.img_size
+        if unit.split == "val":
+            for pos in range(start, stop):
+                sample = block.get(pos)
+                view = None if sample is None else views.eval_view(sample.image, size, self.eval_crop_pct)
+                yield pos, view, None, -1 if sample is None else sample.label
+            return
+        params = {pos: views.sample_params(self.m.views, unit.epoch, shard, pos, n, s.image.size)
+                  for pos, s in block.items()}
+        for pos in range(start, stop):
+            sample = block.get(pos)
+            if sample is None:
+                yield pos, None, None, -1
+                continue
+            partner, _ = views.mix_target(params[pos])
+            if partner != pos and partner not in block:
+                # the partner was skipped as a bad sample: mix with itself (replays the same way)
+                partner = pos
+            view = views.render(sample.image, params[pos], size, self.m.views,
+                                partner_image=block[partner].image, partner_params=params[partner])
+            yield pos, view, params[pos], sample.label
+
+    @staticmethod
+    def _collate(unit, shard, records, size):
+        b = len(records)
+        views_u8 = np.zeros((b, size, size, 3), np.uint8)
+        params = np.zeros((b, views.N_PARAMS), np.float32)
+        digests = np.zeros(b, np.uint64)
+        labels = np.full(b, -1, np.int32)
+        valid = np.zeros(b, bool)
+        for i, (_, view, p, label) in enumerate(records):
+            if view is None:
+                continue
+            views_u8[i] = view
+            if p is not None:
+                params[i] = p
+            digests[i] = views.view_digest(view) or 1  # 0 is reserved for "no view here"
+            labels[i] = label
+            valid[i] = True
+        return {"unit": unit, "shard": shard, "start": records[0][0], "views": torch.from_numpy(views_u8),
+                "params": torch.from_numpy(params), "digests": torch.from_numpy(digests.view(np.int64)),
+                "labels": torch.from_numpy(labels), "valid": torch.from_numpy(valid)}
+
+
+class UnitBuffers:
+    """Collects teacher answers per unit and writes a unit the moment its last view arrives."""
+
+    def __init__(self, root, layouts, lists):
+        self.root, self.layouts, self.lists = root, layouts, lists
+        self.buffers: dict[Unit, dict[str, np.ndarray]] = {}
+        self.remaining: dict[Unit, int] = {}
+
+    def _open(self, unit: Unit) -> dict[str, np.ndarray]:
+        layout = self.layouts[unit.split]
+        shards = layout.group_shards(unit.group)
+        u, p, k = len(shards), layout.positions, layout.top_k
+        buf = {"topk_logits": np.zeros((u, p, k), np.float16), "topk_ids": np.zeros((u, p, k), layout.id_dtype),
+               "lse": np.zeros((u, p), np.float32), "digest": np.zeros((u, p), np.uint64),
+               "labels": np.full((u, p), -1, np.int32)}
+        if unit.split == "train":
+            buf["view"] = np.zeros((u, p, layout.n_params), np.float32)
+        self.buffers[unit] = buf
+        self.remaining[unit] = sum(self.lists[unit.split].shards[s].samples for s in shards)
+        return buf
+
+    def add(self, item: dict, logits: torch.Tensor) -> Unit | None:
+        """Store one teacher batch; returns the unit if this batch completed (and wrote) it."""
+        unit = item["unit"]
+        buf = self.buffers.get(unit) or self._open(unit)
+        layout = self.layouts[unit.split]
+        row = item["shard"] - unit.group * layout.shards_per_unit
+        cols = slice(item["start"], item["start"] + len(logits))
+        valid = item["valid"].numpy()
+        logits = logits.float()
+        if not torch.isfinite(logits[torch.from_numpy(valid)]).all():
+            raise FloatingPointError(f"the teacher returned non-finite logits for shard {item['shard']}, positions "
+                                     f"{cols.start}..{cols.stop - 1}: check the teacher weights")
+        top_v, top_i = logits.topk(layout.top_k, dim=1)
+        lse = torch.logsumexp(logits, dim=1)
+        keep = valid[:, None]
+        buf["topk_logits"][row, cols] = np.where(keep, top_v.numpy().astype(np.float16), 0)
+        buf["topk_ids"][row, cols] = np.where(keep, top_i.numpy(), 0)
+        buf["lse"][row, cols] = np.where(valid, lse.numpy(), 0)
+        buf["digest"][row, cols] = item["digests"].numpy().view(np.uint64)
+        buf["labels"][row, cols] = item["labels"].numpy()
+        if "view" in buf:
+            buf["view"][row, cols] = item["params"].numpy()
+        self.remaining[unit] -= len(logits)
+        if self.remaining[unit]:
+            return None
+        cache.write_unit(self.root, unit.split, unit.epoch, unit.group, self.buffers.pop(unit))
+        del self.remaining[unit]
+        return unit
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ManifestError("cache.device=cuda but no CUDA device is visible: set it to auto or cpu")
+    return torch.device(name)
+
+
+def run(m: Manifest, rank: int = 0, world_size: int = 1, barrier=None, progress: bool = True) -> dict:
+    """Fill the cache for this rank's units. `barrier` (a callable) syncs ranks after creation under torchrun;
+    independent jobs pass None and rely on creation being idempotent."""
+    lists = {"train": load_shardlist(m.data.train), "val": load_shardlist(m.data.val)}
+    if lists["val"].classes != lists["train"].classes:
+        raise ManifestError(f"the class maps of {m.data.train} and {m.data.val} differ: rebuild the shards")
+    layouts = layouts_for(m, lists["train"], lists["val"])
+    device = pick_device(m.cache.device)
+    teacher = load_teacher(m.teacher, len(lists["train"].classes), device)
+    attrs = cache_attrs(m, lists["train"], lists["val"], teacher.identity)
+    if rank == 0 or barrier is None:
+        root = cache.create(m.cache.path, layouts, attrs)
+    if barrier is not None:
+        barrier()
+        root = cache.open_cache(m.cache.path, mode="r+") if rank else root
+    done = {"train": cache.done_units(root, "train"), "val": cache.done_units(root, "val")}
+    mine = [u for i, u in enumerate(all_units(layouts)) if i % world_size == rank]
+    todo = [u for u in mine if not done[u.split][(u.group,) if u.epoch is None else (u.epoch, u.group)]]
+    total = sum(lists[u.split].shards[s].samples for u in todo for s in layouts[u.split].group_shards(u.group))
+    loader = DataLoader(UnitViews(m, lists, todo, teacher.crop_pct), batch_size=None, num_workers=m.cache.workers,
+                        persistent_workers=False, prefetch_factor=4 if m.cache.workers else None)
+    buffers = UnitBuffers(root, layouts, lists)
+    started, written = time.time(), 0
+    bar = tqdm(total=total, unit="view", desc=f"teacher-cache rank {rank}", disable=not progress, smoothing=0.1)
+    for item in loader:
+        logits = forward(teacher, item["views"], device)
+        written += buffers.add(item, logits) is not None
+        bar.update(len(logits))
+    bar.close()
+    if buffers.remaining:
+        raise RuntimeError(f"units left incomplete: {sorted(buffers.remaining, key=str)[:3]}")
+    seconds = time.time() - started
+    return {"path": m.cache.path, "units_written": written, "units_skipped": len(mine) - len(todo),
+            "views": total, "seconds": seconds, "views_per_s": total / seconds if seconds else 0.0}
+
+
+@torch.inference_mode()
+def forward(teacher: Teacher, views_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = normalize(views_u8.to(device, non_blocking=True), teacher.mean, teacher.std)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return teacher.model(x).float().cpu()
+    return teacher.model(x).float()

@@ -1,0 +1,484 @@
+"""The view recipe: explicit, stored per-view augmentation parameters and the renderer that replays them.
+
+A view of (cache epoch e, shard s, position p) is drawn by `sample_params` from generators seeded by
+(seed, e, s, p) alone, one generator per part (crop, flip, RandAugment, erasing, mix), so switching a part
+off leaves the others' draws unchanged. The draws are written into a float32 vector (`PARAM_FIELDS`) whose
+every value is exact in float32: coordinates are normalised and quantised to multiples of 2**-16, integers
+stay below 2**24. `render`/`render_unmixed` read only that vector (and the recipe constants in the config)
+and draw no random numbers: the erasing noise comes from a numpy `RandomState` seeded by the stored
+`erase_seed`, whose stream numpy keeps frozen across versions. So a view rendered from the decoded cache
+entry is the view the teacher saw, at any output resolution.
+
+The pixel operations are torchvision's (`resized_crop`, `hflip`) and timm's RandAugment ops
+(`timm.data.auto_augment.NAME_TO_OP`) called with explicit arguments; the order and the sampling follow
+DeiT's timm pipeline: RandomResizedCrop, flip, RandAugment, random erasing, then mixup/cutmix with a partner
+drawn inside an aligned window of the same shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torchvision.transforms.functional as TF
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP, rand_augment_choices
+from torchvision.transforms import InterpolationMode
+
+from pipeline.manifest import ManifestError, ViewsCfg, to_dict
+
+RECIPE_VERSION = "views/1"
+
+MAX_RA_OPS = 4  # RandAugment slots in the parameter vector; a spec asking for more ops is refused
+COORD_STEP = 2.0**-16  # normalised coordinates are stored as multiples of this
+MAX_SIDE = 2**15  # source sides up to this many pixels replay their integer crop box exactly
+MAX_INT = 2**24  # integers (positions, seeds) stay exact in float32 below this
+
+INTERPOLATIONS = ("bilinear", "bicubic")  # stored as an index; "random" in the config picks one per view
+MIX_MODES = ("none", "mixup", "cutmix")
+
+# Stable op table: a stored `ra*_op` is an index into this tuple, whatever order timm lists its sets in.
+RA_OP_NAMES = (
+    "AutoContrast", "Equalize", "Invert", "Rotate",
+    "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd",
+    "Color", "ColorIncreasing", "Contrast", "ContrastIncreasing",
+    "Brightness", "BrightnessIncreasing", "Sharpness", "SharpnessIncreasing",
+    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
+
+# timm's level->arg for the ops whose sign it draws with the global `random` (`_randomly_negate`), written
+# as functions of the signed fraction s = +-level/10 in timm's operation order so the floats are bit-equal.
+_SIGNED_LEVEL_TO_ARG = {
+    "Rotate": lambda s, hp: (s * 30.0,),
+    "ShearX": lambda s, hp: (s * 0.3,),
+    "ShearY": lambda s, hp: (s * 0.3,),
+    "TranslateXRel": lambda s, hp: (s * hp["translate_pct"],),
+    "TranslateYRel": lambda s, hp: (s * hp["translate_pct"],),
+    "ColorIncreasing": lambda s, hp: (max(0.1, 1.0 + s * 0.9),),
+    "ContrastIncreasing": lambda s, hp: (max(0.1, 1.0 + s * 0.9),),
+    "BrightnessIncreasing": lambda s, hp: (max(0.1, 1.0 + s * 0.9),),
+    "SharpnessIncreasing": lambda s, hp: (max(0.1, 1.0 + s * 0.9),),
+}
+LEVEL_DENOM = 10.0  # timm's magnitude scale: level m maps to the fraction m / 10
+
+# DeiT's RandAugment hparams (timm create_transform): fill with the ImageNet mean as uint8.
+IMG_MEAN_U8 = tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)
+RA_HPARAMS = {"translate_pct": 0.45, "img_mean": IMG_MEAN_U8}
+
+# timm RandomErasing defaults (DeiT): area fraction and log aspect-ratio range, 10 attempts.
+ERASE_AREA = (0.02, 1.0 / 3.0)
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1.0 / 0.3))
+
+CROP_ATTEMPTS = 10
+ERASE_ATTEMPTS = 10
+
+_PART_CROP, _PART_FLIP, _PART_RA, _PART_ERASE, _PART_MIX = range(5)
+
+PARAM_FIELDS: tuple[str, ...] = (
+    ("crop_x0", "crop_y0", "crop_x1", "crop_y1", "interp", "flip")
+    + tuple(f"ra{i}_{k}" for i in range(MAX_RA_OPS) for k in ("op", "mag", "sign"))
+    + ("erase", "erase_x0", "erase_y0", "erase_x1", "erase_y1", "erase_seed")
+    + ("mix_mode", "mix_partner", "mix_lam", "mix_x0", "mix_y0", "mix_x1", "mix_y1")
+)
+N_PARAMS = len(PARAM_FIELDS)
+
+
+# --------------------------------------------------------------------------------------------- recipe
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm RandAugment spec string (`rand-m9-mstd0.5-inc1`)."""
+
+    ops: tuple[str, ...]  # the op set choices are drawn from (with replacement)
+    num_ops: int
+    magnitude: int
+    magnitude_std: float  # 0: fixed magnitude; inf: uniform in [0, magnitude]
+    magnitude_max: int | None  # clip bound; None means timm's default of 10
+    prob: float
+    increasing: bool
+
+
+_RA_SECTIONS = "m<int>, n<int>, p<float>, mstd<float>, mmax<int>, inc<0|1>"
+
+
+@functools.lru_cache(maxsize=32)
+def parse_randaugment(spec: str) -> RandAugmentSpec:
+    """Parse a timm RandAugment spec with timm's conventions; anything unsupported raises and names the
+    section. Weighted/named op sets (`t...`) are refused: timm draws those without replacement."""
+    where = f"views.randaugment.spec={spec!r}"
+    sections = spec.split("-")
+    if sections[0] != "rand":
+        raise ManifestError(f"{where}: the first section must be 'rand', got {sections[0]!r} (e.g. 'rand-m9-mstd0.5-inc1')")
+    values: dict = {}
+    for section in sections[1:]:
+        key, raw = (re.split(r"(\d.*)", section) + [""])[:2]
+        convert = {"m": int, "n": int, "mmax": int, "inc": int, "p": float, "mstd": float}.get(key)
+        if convert is None:
+            raise ManifestError(f"{where}: section {section!r} is not supported; valid sections are {_RA_SECTIONS}")
+        try:
+            values[key] = convert(raw)
+        except ValueError:
+            raise ManifestError(f"{where}: section {section!r} has no valid number; valid sections are {_RA_SECTIONS}") from None
+    if not 0 <= values.get("n", 2) <= MAX_RA_OPS:
+        raise ManifestError(f"{where}: section 'n{values['n']}' asks for {values['n']} ops; between 0 and {MAX_RA_OPS} are supported")
+    if not 0.0 <= values.get("p", 0.5) <= 1.0:
+        raise ManifestError(f"{where}: section 'p{values['p']}' is a probability and must lie in [0, 1]")
+    if values.get("inc", 0) not in (0, 1):
+        raise ManifestError(f"{where}: section 'inc{values['inc']}' must be inc0 or inc1")
+    mstd = values.get("mstd", 0.0)
+    increasing = bool(values.get("inc", 0))
+    # timm's default op set for this spec (the name only matters for 't' sets, which are refused above)
+    ops = tuple(rand_augment_choices("default", increasing=increasing))
+    unknown = [op for op in ops if op not in RA_OP_NAMES]
+    if unknown:
+        raise ManifestError(f"{where}: timm's op set holds {unknown}, which this recipe version cannot store")
+    return RandAugmentSpec(
+        ops=ops, num_ops=values.get("n", 2), magnitude=values.get("m", 10),
+        magnitude_std=float("inf") if mstd > 100 else mstd,  # timm: mstd > 100 means uniform sampling
+        magnitude_max=values.get("mmax"), prob=values.get("p", 0.5), increasing=increasing,
+    )
+
+
+def check(cfg: ViewsCfg) -> None:
+    """Checks of the view recipe that the manifest loader does not make; each names the key to change."""
+    if cfg.seed < 0:
+        raise ManifestError(f"views.seed={cfg.seed} must be a non-negative integer")
+    lo, hi = cfg.crop.ratio
+    if not 0 < lo <= hi:
+        raise ManifestError(f"views.crop.ratio={[lo, hi]} must satisfy 0 < min <= max")
+    mix = cfg.mix
+    if mix.mixup_alpha < 0 or mix.cutmix_alpha < 0:
+        raise ManifestError(f"views.mix.mixup_alpha={mix.mixup_alpha} and views.mix.cutmix_alpha={mix.cutmix_alpha} must be >= 0")
+    if mix.enabled and mix.mixup_alpha == 0 and mix.cutmix_alpha == 0:
+        raise ManifestError("views.mix is enabled but views.mix.mixup_alpha and views.mix.cutmix_alpha are both 0: "
+                            "set one above 0 (DeiT: 0.8 and 1.0) or set views.mix.enabled=false")
+    if cfg.randaugment.enabled:
+        parse_randaugment(cfg.randaugment.spec)
+
+
+def recipe(cfg: ViewsCfg) -> dict:
+    """The recipe as plain JSON-able data for the cache attributes."""
+    check(cfg)
+    out = {
+        "version": RECIPE_VERSION,
+        "config": to_dict(cfg),
+        "param_fields": list(PARAM_FIELDS),
+        "coord_step": COORD_STEP,
+        "interpolations": list(INTERPOLATIONS),
+        "ra_op_names": list(RA_OP_NAMES),
+        "ra_hparams": {"translate_pct": RA_HPARAMS["translate_pct"], "img_mean": list(IMG_MEAN_U8)},
+        "erasing": {"area": list(ERASE_AREA), "aspect": [0.3, 1.0 / 0.3],
+                    "pixel_noise": "clip(rint(255 * (imagenet_mean + imagenet_std * RandomState(erase_seed)"
+                                   ".standard_normal((h, w, 3)))), 0, 255)"},
+        "mixup_rounding": "rint(lam * a + (1 - lam) * b) in float32",
+    }
+    if cfg.randaugment.enabled:
+        ra = parse_randaugment(cfg.randaugment.spec)
+        out["randaugment"] = {
+            "ops": list(ra.ops), "num_ops": ra.num_ops, "magnitude": ra.magnitude, "prob": ra.prob,
+            "magnitude_sampling": "uniform" if math.isinf(ra.magnitude_std) else "normal" if ra.magnitude_std > 0 else "fixed",
+            "magnitude_std": 0.0 if math.isinf(ra.magnitude_std) else ra.magnitude_std,
+            "magnitude_max": ra.magnitude_max if ra.magnitude_max is not None else LEVEL_DENOM,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+def _quantise(frac: float) -> float:
+    """A normalised coordinate as the nearest multiple of 2**-16 in [0, 1] (exact in float32)."""
+    return min(1.0, max(0.0, round(frac / COORD_STEP) * COORD_STEP))
+
+
+def _sample_crop(rng: np.random.Generator, cfg: ViewsCfg, width: int, height: int) -> dict:
+    """torchvision's RandomResizedCrop.get_params (10 attempts, then the centre-crop fallback), stored as a
+    box normalised to the source image."""
+    interp = cfg.crop.interpolation
+    interp_code = int(rng.integers(len(INTERPOLATIONS))) if interp == "random" else INTERPOLATIONS.index(interp)
+    left, top, w, h = 0, 0, width, height
+    if cfg.crop.enabled:
+        area = width * height
+        log_ratio = (math.log(cfg.crop.ratio[0]), math.log(cfg.crop.ratio[1]))
+        for _ in range(CROP_ATTEMPTS):
+            target_area = area * rng.uniform(*cfg.crop.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                break
+        else:
+            in_ratio = width / height
+            lo, hi = cfg.crop.ratio
+            if in_ratio < lo:
+                w, h = width, int(round(width / lo))
+            elif in_ratio > hi:
+                w, h = int(round(height * hi)), height
+            else:
+                w, h = width, height
+            top, left = (height - h) // 2, (width - w) // 2
+    return {"crop_x0": _quantise(left / width), "crop_y0": _quantise(top / height),
+            "crop_x1": _quantise((left + w) / width), "crop_y1": _quantise((top + h) / height),
+            "interp": interp_code}
+
+
+def _sample_randaugment(rng: np.random.Generator, cfg: ViewsCfg) -> dict:
+    """timm RandAugment: `num_ops` ops chosen with replacement, each applied with prob p, magnitude noise,
+    clip to [0, mmax or 10], and the sign timm's `_randomly_negate` would draw, drawn here instead."""
+    out = {f"ra{i}_{k}": 0.0 for i in range(MAX_RA_OPS) for k in ("op", "mag", "sign")}
+    out.update({f"ra{i}_op": -1 for i in range(MAX_RA_OPS)})
+    if not cfg.randaugment.enabled:
+        return out
+    ra = parse_randaugment(cfg.randaugment.spec)
+    for i in range(ra.num_ops):
+        name = ra.ops[int(rng.integers(len(ra.ops)))]
+        applied = rng.random() <= ra.prob
+        if math.isinf(ra.magnitude_std):
+            magnitude = rng.uniform(0, ra.magnitude)
+        elif ra.magnitude_std > 0:
+            magnitude = rng.normal(ra.magnitude, ra.magnitude_std)
+        else:
+            magnitude = float(ra.magnitude)
+        magnitude = max(0.0, min(magnitude, ra.magnitude_max or LEVEL_DENOM))
+        sign = -1 if rng.random() > 0.5 else 1
+        if applied:
+            out[f"ra{i}_op"] = RA_OP_NAMES.index(name)
+            out[f"ra{i}_mag"] = float(np.float32(magnitude))
+            out[f"ra{i}_sign"] = sign if name in _SIGNED_LEVEL_TO_ARG else 0
+    return out
+
+
+def _sample_erase(rng: np.random.Generator, cfg: ViewsCfg) -> dict:
+    """timm RandomErasing's box rule (area 0.02-1/3 of the view, log aspect 0.3-1/0.3, 10 attempts, no
+    erase when all fail), in fractions of the view, plus the seed of the noise."""
+    out = {"erase": 0, "erase_x0": 0.0, "erase_y0": 0.0, "erase_x1": 0.0, "erase_y1": 0.0, "erase_seed": 0}
+    if not cfg.erasing.enabled or rng.random() > cfg.erasing.prob:
+        return out
+    for _ in range(ERASE_ATTEMPTS):
+        area = rng.uniform(*ERASE_AREA)
+        aspect = math.exp(rng.uniform(*ERASE_LOG_ASPECT))
+        h, w = math.sqrt(area * aspect), math.sqrt(area / aspect)
+        if w < 1 and h < 1:
+            top, left = rng.uniform(0, 1 - h), rng.uniform(0, 1 - w)
+            return {"erase": 1, "erase_x0": _quantise(left), "erase_y0": _quantise(top),
+                    "erase_x1": _quantise(left + w), "erase_y1": _quantise(top + h),
+                    "erase_seed": int(rng.integers(MAX_INT))}
+    return out
+
+
+def _sample_mix(rng: np.random.Generator, cfg: ViewsCfg, pos: int, shard_len: int) -> dict:
+    """timm Mixup per element: mix with prob `prob`, cutmix vs mixup by `switch_prob`, lam ~ Beta(alpha,
+    alpha), the cutmix box from lam (rand_bbox, normalised) and lam corrected to the box area. The partner
+    is drawn uniformly from the other positions of p's aligned window; a window of one sample does not mix."""
+    out = {"mix_mode": 0, "mix_partner": pos, "mix_lam": 1.0, "mix_x0": 0.0, "mix_y0": 0.0, "mix_x1": 0.0, "mix_y1": 0.0}
+    mix = cfg.mix
+    start = pos // mix.window * mix.window
+    stop = min(start + mix.window, shard_len)
+    if not mix.enabled or stop - start < 2 or rng.random() >= mix.prob:
+        return out
+    if mix.mixup_alpha > 0 and mix.cutmix_alpha > 0:
+        cutmix = rng.random() < mix.switch_prob
+    else:
+        cutmix = mix.cutmix_alpha > 0
+    alpha = mix.cutmix_alpha if cutmix else mix.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    partner = int(rng.integers(start, stop - 1))
+    if partner >= pos:  # skip p itself
+        partner += 1
+    out.update(mix_mode=MIX_MODES.index("cutmix" if cutmix else "mixup"), mix_partner=partner)
+    if cutmix:
+        cut = math.sqrt(1.0 - lam)
+        cx, cy = rng.random(), rng.random()
+        x0, x1 = _quantise(cx - cut / 2), _quantise(cx + cut / 2)
+        y0, y1 = _quantise(cy - cut / 2), _quantise(cy + cut / 2)
+        out.update(mix_x0=x0, mix_y0=y0, mix_x1=x1, mix_y1=y1)
+        lam = 1.0 - (x1 - x0) * (y1 - y0)
+    out["mix_lam"] = float(np.float32(lam))
+    return out
+
+
+def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: int,
+                  src_size: tuple[int, int]) -> np.ndarray:
+    """The float32 (N_PARAMS,) parameter vector of the view of `pos` in `shard` at cache epoch `epoch`.
+    `src_size` = (width, height) of the source image; `shard_len` bounds the mix window."""
+    check(cfg)
+    where = f"view (epoch {epoch}, shard {shard}, position {pos})"
+    for name, value in (("epoch", epoch), ("shard", shard), ("pos", pos)):
+        if not 0 <= value < MAX_INT:
+            raise ValueError(f"{where}: {name}={value} must lie in [0, 2**24)")
+    if not pos < shard_len <= MAX_INT:
+        raise ValueError(f"{where}: shard_len={shard_len} must exceed the position and be at most 2**24")
+    width, height = src_size
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise ValueError(f"{where}: source size {width}x{height} is outside 1..{MAX_SIDE} px a side; crop boxes "
+                         f"are stored in steps of 2**-16 and replay exactly only up to {MAX_SIDE} px: downscale the image")
+
+    def rng(part: int) -> np.random.Generator:
+        return np.random.default_rng([cfg.seed, epoch, shard, pos, part])
+
+    values = {"flip": int(cfg.flip.enabled and rng(_PART_FLIP).random() < cfg.flip.prob)}
+    values.update(_sample_crop(rng(_PART_CROP), cfg, width, height))
+    values.update(_sample_randaugment(rng(_PART_RA), cfg))
+    values.update(_sample_erase(rng(_PART_ERASE), cfg))
+    values.update(_sample_mix(rng(_PART_MIX), cfg, pos, shard_len))
+    return np.array([values[f] for f in PARAM_FIELDS], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _decode(params: np.ndarray) -> dict:
+    """The stored vector as {field: python number}, with the coded fields checked."""
+    params = np.asarray(params)
+    if params.shape != (N_PARAMS,) or params.dtype != np.float32:
+        raise ValueError(f"view params must be a float32 vector of {N_PARAMS} values (from sample_params or the "
+                         f"cache's view array), got shape {params.shape} dtype {params.dtype}")
+    p = dict(zip(PARAM_FIELDS, params.tolist()))
+    codes = [("interp", len(INTERPOLATIONS)), ("flip", 2), ("erase", 2), ("mix_mode", len(MIX_MODES))]
+    codes += [(f"ra{i}_op", len(RA_OP_NAMES)) for i in range(MAX_RA_OPS)]
+    for name, n in codes:
+        value = p[name]
+        if not value.is_integer() or not (-1 if name.endswith("_op") else 0) <= value < n:
+            raise ValueError(f"view params field {name}={value} is not a valid code (0..{n - 1}): the vector is "
+                             f"corrupt or was written by another recipe version than {RECIPE_VERSION}")
+        p[name] = int(value)
+    p["mix_partner"] = int(p["mix_partner"])
+    p["erase_seed"] = int(p["erase_seed"])
+    return p
+
+
+def _ra_ops(p: dict) -> list[tuple[str, float, int]]:
+    return [(RA_OP_NAMES[p[f"ra{i}_op"]], p[f"ra{i}_mag"], int(p[f"ra{i}_sign"]))
+            for i in range(MAX_RA_OPS) if p[f"ra{i}_op"] >= 0]
+
+
+def describe(params: np.ndarray) -> dict:
+    """The parameters in words, for reports."""
+    p = _decode(params)
+
+    def box(prefix: str) -> list[float]:
+        return [p[f"{prefix}_x0"], p[f"{prefix}_y0"], p[f"{prefix}_x1"], p[f"{prefix}_y1"]]
+
+    mode = MIX_MODES[p["mix_mode"]]
+    mix = None
+    if mode != "none":
+        mix = {"mode": mode, "partner": p["mix_partner"], "lam": p["mix_lam"]}
+        if mode == "cutmix":
+            mix["box"] = box("mix")
+    return {
+        "crop": {"box": box("crop"), "interpolation": INTERPOLATIONS[p["interp"]]},
+        "flip": bool(p["flip"]),
+        "randaugment": [{"op": name, "magnitude": mag, "sign": sign} for name, mag, sign in _ra_ops(p)],
+        "erase": {"box": box("erase"), "seed": p["erase_seed"]} if p["erase"] else None,
+        "mix": mix,
+    }
+
+
+def mix_target(params: np.ndarray) -> tuple[int, float]:
+    """(partner position, lam): the view's label is lam * own label + (1 - lam) * the partner's.
+    An unmixed view gives its own position and 1.0."""
+    p = _decode(params)
+    return p["mix_partner"], p["mix_lam"]
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def _px(frac: float, n: int) -> int:
+    """A stored normalised coordinate as a pixel boundary (round half up; exact for quantised values)."""
+    return int(math.floor(frac * n + 0.5))
+
+
+def _apply_ra_op(img: Image.Image, name: str, magnitude: float, sign: int, resample: int) -> Image.Image:
+    if name in _SIGNED_LEVEL_TO_ARG:
+        args = _SIGNED_LEVEL_TO_ARG[name](sign * (magnitude / LEVEL_DENOM), RA_HPARAMS)
+    else:
+        level_fn = LEVEL_TO_ARG[name]
+        args = level_fn(magnitude, RA_HPARAMS) if level_fn is not None else ()
+    if name.startswith("Posterize") and args[0] <= 0:
+        # timm maps magnitude 10 to 0 bits; Pillow >= 13 refuses that, older Pillow returned black: keep black
+        return Image.new(img.mode, img.size)
+    return NAME_TO_OP[name](img, *args, fillcolor=IMG_MEAN_U8, resample=resample)
+
+
+def _erase(view: np.ndarray, p: dict, mode: str) -> None:
+    size_h, size_w = view.shape[:2]
+    top, bottom = _px(p["erase_y0"], size_h), _px(p["erase_y1"], size_h)
+    left, right = _px(p["erase_x0"], size_w), _px(p["erase_x1"], size_w)
+    if mode == "const":  # timm's zeros in normalised space: the mean colour
+        view[top:bottom, left:right] = IMG_MEAN_U8
+        return
+    noise = np.random.RandomState(p["erase_seed"]).standard_normal((bottom - top, right - left, 3))
+    pixels = (np.asarray(IMAGENET_DEFAULT_MEAN) + np.asarray(IMAGENET_DEFAULT_STD) * noise) * 255.0
+    view[top:bottom, left:right] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def render_unmixed(image: Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg) -> np.ndarray:
+    """The (size, size, 3) uint8 view before the mix: crop, flip, RandAugment, erasing, all from `params`.
+    `cfg` supplies the recipe constants that are not per view (the erasing mode)."""
+    p = _decode(params)
+    img = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = img.size
+    left, top = _px(p["crop_x0"], width), _px(p["crop_y0"], height)
+    crop_w, crop_h = _px(p["crop_x1"], width) - left, _px(p["crop_y1"], height) - top
+    interp = INTERPOLATIONS[p["interp"]]
+    img = TF.resized_crop(img, top, left, crop_h, crop_w, [size, size], interpolation=InterpolationMode(interp))
+    if p["flip"]:
+        img = TF.hflip(img)
+    resample = Image.Resampling[interp.upper()]
+    for name, magnitude, sign in _ra_ops(p):
+        img = _apply_ra_op(img, name, magnitude, sign, resample)
+    view = np.array(img, dtype=np.uint8)
+    if p["erase"]:
+        _erase(view, p, cfg.erasing.mode)
+    return view
+
+
+def render(image: Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg,
+           partner_image: Image.Image | None = None, partner_params: np.ndarray | None = None) -> np.ndarray:
+    """The final (size, size, 3) uint8 view: the unmixed view mixed with the partner's own unmixed view
+    (rendered under the partner's params) when `params` say so."""
+    view = render_unmixed(image, params, size, cfg)
+    p = _decode(params)
+    mode = MIX_MODES[p["mix_mode"]]
+    if mode == "none":
+        return view
+    if partner_image is None or partner_params is None:
+        raise ValueError(f"this view is a {mode} with the sample at position {p['mix_partner']} of the same shard: "
+                         f"pass that sample's image as partner_image and its view params as partner_params")
+    other = render_unmixed(partner_image, partner_params, size, cfg)
+    if mode == "mixup":
+        lam = np.float32(p["mix_lam"])
+        blend = lam * view.astype(np.float32) + (np.float32(1.0) - lam) * other.astype(np.float32)
+        return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    top, bottom = _px(p["mix_y0"], size), _px(p["mix_y1"], size)
+    left, right = _px(p["mix_x0"], size), _px(p["mix_x1"], size)
+    view[top:bottom, left:right] = other[top:bottom, left:right]
+    return view
+
+
+def view_digest(view: np.ndarray) -> int:
+    """64-bit blake2b digest of a uint8 view's shape and bytes, as an int that fits numpy uint64."""
+    view = np.asarray(view)
+    if view.dtype != np.uint8:
+        raise ValueError(f"view_digest takes the uint8 view (before normalisation), got dtype {view.dtype}")
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.asarray(view.shape, dtype="<u8").tobytes())
+    h.update(np.ascontiguousarray(view).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def eval_view(image: Image.Image, size: int, crop_pct: float, interpolation: str = "bicubic") -> np.ndarray:
+    """The evaluation view (timm's eval transform): resize the shorter side to size / crop_pct, centre-crop
+    size x size. Deterministic; used for the teacher's cached val logits and the student's evaluation."""
+    img = image if image.mode == "RGB" else image.convert("RGB")
+    img = TF.resize(img, math.floor(size / crop_pct), interpolation=InterpolationMode(interpolation))
+    return np.array(TF.center_crop(img, [size, size]), dtype=np.uint8)

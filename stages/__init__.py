@@ -1,0 +1,1 @@
+"""Stage entry points: parse, build from `pipeline`, run, close."""

@@ -1,0 +1,78 @@
+"""`distill shards` (build WebDataset shards) and `distill shardlist` (list shards made by any tool)."""
+
+from pathlib import Path
+
+import click
+
+from pipeline.manifest import ManifestError, load
+from pipeline.reader import ShardError
+from pipeline.shards import (SHARDLIST_NAME, build_shardlist, expand_shard_paths, load_class_map, load_shardlist,
+                             write_digits, write_imagefolder)
+
+
+def _summary(path: Path) -> str:
+    shardlist = load_shardlist(path)
+    count = len(shardlist.shards)
+    return (f"{shardlist.num_samples} samples in {count} shard{'s' * (count != 1)}, "
+            f"{len(shardlist.classes)} classes -> {path}")
+
+
+def _digits_root(manifest) -> Path:
+    """The directory `write_digits` fills so that it produces exactly data.train and data.val."""
+    root = Path(manifest.data.train).parent.parent
+    for key, split in (("train", "train"), ("val", "val")):
+        wanted = root / split / SHARDLIST_NAME
+        if Path(getattr(manifest.data, key)) != wanted:
+            raise ManifestError(f"data.{key}={getattr(manifest.data, key)!r}: the built-in digits are written as "
+                                f"<dir>/{split}/{SHARDLIST_NAME}; set data.{key}={str(wanted)!r}")
+    return root
+
+
+@click.command()
+@click.option("--manifest", default="manifests/demo.yaml", show_default=True,
+              help="Run spec; without --src its data section says what to build (data.builtin, data.shard_size).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest key.")
+@click.option("--src", type=click.Path(exists=True, file_okay=False),
+              help="An ImageFolder tree (src/<class>/<image>) to shard instead of the built-in data.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory for --src.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Samples per shard [default: 1000 with --src, else data.shard_size].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the global shuffle (--src) or of the digits train/val split.")
+def shards(manifest, overrides, src, out, shard_size, seed):
+    """Build WebDataset shards, a shard list and a class map."""
+    try:
+        if src is not None:
+            if out is None:
+                raise click.UsageError("--src needs --out: the directory to write the shards to")
+            click.echo(_summary(write_imagefolder(src, out, shard_size or 1000, seed)))
+            return
+        spec = load(manifest, overrides)
+        if spec.data.builtin != "digits":
+            raise click.UsageError(f"{manifest}: data.builtin is {spec.data.builtin!r}, so there is nothing built in "
+                                   f"to build: pass --src/--out, or list your own shards with `distill shardlist`")
+        for path in write_digits(_digits_root(spec), shard_size or spec.data.shard_size, seed):
+            click.echo(_summary(path))
+    except (ShardError, ManifestError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command()
+@click.argument("patterns", nargs=-1, required=True)
+@click.option("--out", type=click.Path(dir_okay=False),
+              help=f"Where to write the list [default: {SHARDLIST_NAME} in the shards' common directory].")
+@click.option("--class-map", type=click.Path(exists=True, dir_okay=False),
+              help='JSON class names ({"classes": [...]}); default: "0".."<largest cls>".')
+def shardlist(patterns, out, class_map):
+    """Scan shards made by any tool (paths, globs, brace ranges) into a shard list."""
+    try:
+        paths = expand_shard_paths(patterns)
+        if out is None:
+            parents = {str(Path(p).resolve().parent) for p in paths}
+            if len(parents) > 1:
+                raise click.UsageError("the shards lie in several directories: say where the list goes with --out")
+            out = Path(parents.pop()) / SHARDLIST_NAME
+        build_shardlist(paths, out, load_class_map(class_map) if class_map else None)
+        click.echo(_summary(Path(out)))
+    except ShardError as e:
+        raise click.ClickException(str(e)) from None

@@ -1,0 +1,16 @@
+"""Shared fixtures."""
+
+import pytest
+
+from pipeline.shards import write_digits
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """The built-in digits set, built once per session with 100 samples per shard.
+
+    Returns the output directory: train/shardlist.json (15 shards, 1,497 samples), val/shardlist.json
+    (3 shards, 300 samples) and class_map.json. Treat it as read-only."""
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out, shard_size=100)
+    return out

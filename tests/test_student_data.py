@@ -1,0 +1,257 @@
+"""The student's data path: replayed views, the teacher's answers attached, equal steps per rank, resumable
+positions, no random numbers drawn, the digest check and the cache checks.
+
+The tiny cache built here (`tiny_cache`) is also used by tests/test_train.py."""
+
+import io
+import random
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from webdataset import TarWriter
+
+from pipeline import cache, views
+from pipeline.manifest import load
+from pipeline.shards import build_shardlist, digits_arrays
+from pipeline.student_data import (ViewDriftError, check_complete, open_train_set, round_robin_skips,
+                                   shuffle_buffer_order, verify_views)
+from pipeline.teacher_cache import run as fill_cache
+
+TRAIN_SHARDS = (40, 25, 33)  # unequal on purpose
+VAL_SHARDS = (20,)
+BAD = (1, 3)  # (shard, position) of an undecodable sample: skipped by the teacher stage, dropped here
+
+
+def _write_shards(directory, sizes, first_index, bad=None):
+    images, labels = digits_arrays()
+    directory.mkdir(parents=True)
+    paths, i = [], first_index
+    for shard, size in enumerate(sizes):
+        path = directory / f"part-{shard:06d}.tar"
+        with TarWriter(str(path), encoder=False) as writer:
+            for pos in range(size):
+                png = io.BytesIO()
+                Image.fromarray(images[i]).save(png, format="PNG")
+                data = b"not an image" if (shard, pos) == bad else png.getvalue()
+                writer.write({"__key__": f"digit{i:04d}", "cls": str(labels[i]).encode(), "png": data})
+                i += 1
+        paths.append(path)
+    out = directory / "shardlist.json"
+    build_shardlist(paths, out, classes=[str(c) for c in range(10)])
+    return out
+
+
+def _teacher_checkpoint(path, m, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model(m.teacher.model, num_classes=10, **m.teacher.model_args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+class TinyCache:
+    """manifests/tiny.yaml pointed at tiny shards, an untrained teacher and a filled cache."""
+
+    def __init__(self, root):
+        self.root = root
+        self.train = _write_shards(root / "train", TRAIN_SHARDS, 0, bad=BAD)
+        self.val = _write_shards(root / "val", VAL_SHARDS, sum(TRAIN_SHARDS))
+        self.checkpoint = _teacher_checkpoint(root / "teacher.pt", load("manifests/tiny.yaml"))
+        self.cache_path = root / "cache"
+        fill_cache(self.manifest(), progress=False)
+
+    def manifest(self, *overrides, run_dir=None):
+        paths = [f"data.train={self.train}", f"data.val={self.val}", "data.on_error=skip",
+                 f"teacher.checkpoint={self.checkpoint}", f"cache.path={self.cache_path}",
+                 f"student.run_dir={run_dir or self.root / 'run'}"]
+        return load("manifests/tiny.yaml", paths + list(overrides))
+
+    def open(self):
+        return cache.open_cache(str(self.cache_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    return TinyCache(tmp_path_factory.mktemp("tiny"))
+
+
+def _epoch(data, epoch, rank=0, skip=0):
+    return list(data.loader(epoch, rank, skip))
+
+
+# --------------------------------------------------------------------------------------------- replay
+
+
+def test_replayed_views_are_the_views_the_teacher_saw(tiny_cache):
+    m = tiny_cache.manifest()
+    root = tiny_cache.open()
+    data = open_train_set(m, root)
+    assert m.student.img_size == m.teacher.img_size  # so the student's views can be compared by digest
+    batches = _epoch(data, 0)
+    assert len(batches) == data.steps_per_epoch
+    train = root["train"]
+    seen = 0
+    for batch in batches:
+        for i, (shard, pos) in enumerate(zip(batch["shard"].tolist(), batch["pos"].tolist())):
+            assert (shard, pos) != BAD
+            view = batch["views"][i].numpy()
+            assert (views.view_digest(view) or 1) == int(train["digest"][0, shard, pos])
+            np.testing.assert_array_equal(batch["topk_logits"][i].numpy(), train["topk_logits"][0, shard, pos])
+            np.testing.assert_array_equal(batch["topk_ids"][i].numpy(), train["topk_ids"][0, shard, pos])
+            assert batch["lse"][i].item() == train["lse"][0, shard, pos]
+            assert batch["labels"][i].item() == train["labels"][shard, pos]
+            partner, lam = views.mix_target(train["view"][0, shard, pos])
+            partner = pos if (shard, partner) == BAD else partner
+            assert batch["partner_labels"][i].item() == train["labels"][shard, partner]
+            assert batch["lam"][i].item() == lam
+            seen += 1
+    assert seen == data.steps_per_epoch * m.student.batch_size
+
+
+def test_student_epochs_cycle_through_the_cached_epochs(tiny_cache):
+    data = open_train_set(tiny_cache.manifest("student.epochs=3"), tiny_cache.open())
+    assert data.cache_epochs == 2
+    digest = tiny_cache.open()["train"]["digest"]
+    batch = _epoch(data, 2)[0]  # student epoch 2 replays cache epoch 0
+    for view, shard, pos in zip(batch["views"], batch["shard"].tolist(), batch["pos"].tolist()):
+        assert (views.view_digest(view.numpy()) or 1) == int(digest[0, shard, pos])
+
+
+def test_student_resolution_differs_from_the_teachers(tiny_cache):
+    m = tiny_cache.manifest("student.img_size=8", "student.patch_size=4")
+    data = open_train_set(m, tiny_cache.open(), teacher_size=m.teacher.img_size)
+    batch = _epoch(data, 0)[0]
+    assert batch["views"].shape[1:] == (8, 8, 3)
+    assert batch["teacher_views"].shape[1:] == (16, 16, 3)
+    digest = tiny_cache.open()["train"]["digest"]
+    for view, shard, pos in zip(batch["teacher_views"], batch["shard"].tolist(), batch["pos"].tolist()):
+        assert (views.view_digest(view.numpy()) or 1) == int(digest[0, shard, pos])
+
+
+def test_replay_draws_no_random_numbers(tiny_cache):
+    data = open_train_set(tiny_cache.manifest(), tiny_cache.open())
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    _epoch(data, 1)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+    assert random.getstate() == py_state
+
+
+# --------------------------------------------------------------------------------------------- ranks, shuffle, resume
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_rank_takes_the_same_number_of_steps(tiny_cache, world_size):
+    m = tiny_cache.manifest()
+    data = open_train_set(m, tiny_cache.open(), world_size=world_size)
+    b = m.student.batch_size
+    valid = {tuple(p) for p in np.argwhere(data.valid)}
+    assert BAD not in valid and len(valid) == sum(TRAIN_SHARDS) - 1
+    per_rank = []
+    for rank in range(world_size):
+        keys = [k for batch in _epoch(data, 0, rank) for k in zip(batch["shard"].tolist(), batch["pos"].tolist())]
+        assert len(keys) == data.steps_per_epoch * b
+        assert set(keys) <= valid
+        per_rank.append(keys)
+        # the steps are the fewest any rank can make: this rank's plan holds at least that many
+        assert sum(p.batches for p in data.plan(0, rank)) >= data.steps_per_epoch
+    if world_size == 1:
+        assert len(set(per_rank[0])) == len(per_rank[0])  # each view at most once per epoch
+    # ranks read disjoint shares: a view seen by two ranks can only be a padding repeat of the epoch's start
+    share = len(valid) // world_size
+    assert min(len(set(k)) for k in per_rank) >= share - b - m.views.mix.window
+    assert data.steps_per_epoch == min(min(data._batches_per_rank(e)) for e in range(m.student.epochs))
+
+
+def test_shuffle_buffer_order():
+    n, size = 50, 8
+    order, ready = shuffle_buffer_order(n, size, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(n))
+    assert order.tolist() != list(range(n))
+    assert np.all(order < ready)  # an item leaves the buffer only after it arrived
+    assert np.all(np.diff(ready) >= 0)
+    assert np.all(ready - (np.arange(n) + 1) <= size)  # after each output, at most `size` items held
+    identity, _ = shuffle_buffer_order(n, 1, np.random.default_rng(0))
+    assert identity.tolist() == list(range(n))
+    again, _ = shuffle_buffer_order(n, size, np.random.default_rng(0))
+    assert np.array_equal(order, again)
+
+
+def test_round_robin_skips():
+    assert round_robin_skips([1, 3, 2], 0) == [0, 0, 0]
+    assert round_robin_skips([1, 3, 2], 4) == [1, 2, 1]  # w0 w1 w2 | w1 ...
+    assert round_robin_skips([1, 3, 2], 6) == [1, 3, 2]
+    with pytest.raises(ValueError, match="cannot skip 7 batches of an epoch that has 6"):
+        round_robin_skips([1, 3, 2], 7)
+
+
+def test_loader_resumes_inside_an_epoch_with_workers(tiny_cache):
+    data = open_train_set(tiny_cache.manifest("student.workers=2", "student.shuffle_buffer=32"), tiny_cache.open())
+    counts = [p.batches for p in data.plan(0, 0)]
+    assert len(counts) == 2
+    full = _epoch(data, 0)
+    skip = 3
+    tail = _epoch(data, 0, skip=skip)
+    assert len(tail) == len(full) - skip
+    for a, b in zip(full[skip:], tail):
+        for name in ("shard", "pos", "views", "topk_logits", "lam"):
+            assert torch.equal(a[name], b[name]), name
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def test_digest_check_passes_on_an_intact_cache(tiny_cache, caplog):
+    m = tiny_cache.manifest()
+    data = open_train_set(m, tiny_cache.open())
+    checked = verify_views(m, tiny_cache.open(), data.shardlist, 1.0)
+    assert checked == sum(TRAIN_SHARDS) - 1
+    assert verify_views(m, tiny_cache.open(), data.shardlist, 0.0) == 0
+
+
+@pytest.fixture
+def cache_copy(tiny_cache, tmp_path):
+    shutil.copytree(tiny_cache.cache_path, tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def test_digest_mismatch_names_the_view_and_the_drifted_versions(tiny_cache, cache_copy):
+    root = cache.open_cache(str(cache_copy), mode="r+")
+    root["train"]["digest"][0, 2, 5] = 12345
+    versions = dict(root.attrs["versions"])
+    m = tiny_cache.manifest(f"cache.path={cache_copy}")
+    shardlist = open_train_set(m, root).shardlist
+    with pytest.raises(ViewDriftError, match=r"cache epoch 0, shard 2 \(.*part-000002.tar\), position 5 .*the view "
+                                             r"recipe or the library versions drifted \(torch, torchvision, timm, "
+                                             r"pillow and numpy match"):
+        verify_views(m, root, shardlist, 1.0)
+    root.attrs["versions"] = {**versions, "pillow": "1.0.0"}
+    with pytest.raises(ViewDriftError, match=rf"installed versions differ from the cache's: pillow "
+                                             rf"{versions['pillow']} \(cache: 1.0.0\)"):
+        verify_views(m, root, shardlist, 1.0)
+
+
+def test_drifted_versions_with_identical_views_are_only_logged(tiny_cache, cache_copy, caplog):
+    root = cache.open_cache(str(cache_copy), mode="r+")
+    root.attrs["versions"] = {**root.attrs["versions"], "numpy": "1.0.0"}
+    m = tiny_cache.manifest(f"cache.path={cache_copy}")
+    with caplog.at_level("INFO", logger="pipeline.student_data"):
+        verify_views(m, root, open_train_set(m, root).shardlist, 0.2)
+    assert "numpy" in caplog.text and "still identical" in caplog.text
+
+
+def test_incomplete_cache_is_refused(tiny_cache, cache_copy):
+    root = cache.open_cache(str(cache_copy), mode="r+")
+    root["train"]["done"][1, 2] = 0
+    with pytest.raises(cache.CacheError, match=r"train unit \(epoch 1, shard group 2\) is not complete: resume "
+                                               r"`make teacher-cache`"):
+        check_complete(root, str(cache_copy), epochs=3)
+    check_complete(root, str(cache_copy), epochs=1)  # epoch 1 is not used by a one-epoch run
+    root["val"]["done"][0] = 0
+    with pytest.raises(cache.CacheError, match=r"val unit \(shard group 0\) is not complete"):
+        check_complete(root, str(cache_copy), epochs=1)
