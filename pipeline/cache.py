@@ -17,11 +17,17 @@ A work unit is (epoch, group of `shards_per_unit` consecutive shards) and owns w
 data on concurrent partial writes of one chunk (zarr-python issue #3682). A unit's `done` flag lives in a
 chunk of its own and is written only after the unit's data chunks are written and fsynced; readers trust
 only done units, and a restart redoes every unit that is not done. Every chunk carries a crc32c checksum.
+
+Reads go through `read_slab`, `read_labels` and `done_units`, which never hand out fill values or garbage:
+a done unit whose chunk is missing, or a chunk whose checksum fails, raises CacheError naming the array, the
+chunk, the unit and the fix. Units are written with `write_empty_chunks`, so every done unit has every chunk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -30,7 +36,8 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
+from zarr.core.sync import sync
 
 SCHEMA = "distill-cache/1"
 SPLITS = ("train", "val")
@@ -64,9 +71,18 @@ class CacheLayout:
         return range(group * self.shards_per_unit, min((group + 1) * self.shards_per_unit, self.shards))
 
 
-def _compressors(dtype: str) -> list:
-    # byte-shuffled zstd inside blosc, then a crc32c so a flipped byte is caught on read
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
+def _compressors(name: str, dtype: str) -> list:
+    # zstd inside blosc, then a crc32c so a flipped byte is caught on read. Chosen by measurement (`make bench`,
+    # BENCHMARKS.md section 4): bit-shuffle for the class ids (their high bits are zero: smaller and faster to
+    # write than byte-shuffle), byte-shuffle for the rest; zstd level 5 (level 9 writes 10-30x slower)
+    shuffle = "bitshuffle" if name == "topk_ids" else "shuffle"
+    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
+
+
+def _filters(name: str, ndim: int) -> list:
+    # the view parameters are laid out field-major inside a chunk (last two axes swapped) so each field's values
+    # lie together: about 10% smaller and faster to write (BENCHMARKS.md section 4); lossless, readers see no change
+    return [TransposeCodec(order=(*range(ndim - 2), ndim - 1, ndim - 2))] if name == "view" else []
 
 
 def _array_specs(layout: CacheLayout) -> dict[str, tuple[tuple, tuple, str]]:
@@ -97,10 +113,13 @@ def create(path: str, layouts: dict[str, CacheLayout], attrs: dict[str, Any]) ->
     if SCHEMA_KEY in root.attrs:
         check_fingerprint(root, attrs)
         want = layouts["train"].epochs
-        if want > root["train"]["done"].shape[0]:
-            for name, arr in root["train"].arrays():
-                if name != "labels":
-                    arr.resize((want,) + arr.shape[1:])
+        grown = False
+        for name, arr in root["train"].arrays():
+            # each array on its own: an extension killed half-way leaves some arrays grown and some not
+            if name != "labels" and arr.shape[0] < want:
+                arr.resize((want,) + arr.shape[1:])
+                grown = True
+        if grown:
             root.attrs["epochs"] = want
         return root
     for split, layout in layouts.items():
@@ -114,7 +133,7 @@ def create(path: str, layouts: dict[str, CacheLayout], attrs: dict[str, Any]) ->
                 continue
             try:
                 grp.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-                                 compressors=_compressors(dtype))
+                                 filters=_filters(name, len(shape)), compressors=_compressors(name, dtype))
             except zarr.errors.ContainsArrayError:
                 pass  # an independent job created it a moment ago
     root.attrs.update({**attrs, SCHEMA_KEY: SCHEMA, "epochs": layouts["train"].epochs})
@@ -179,7 +198,7 @@ def layout_of(root: zarr.Group, split: str) -> CacheLayout:
 
 def done_units(root: zarr.Group, split: str = "train") -> np.ndarray:
     """Boolean done flags: [E, G] for train, [G] for val."""
-    return root[split]["done"][...] == 1
+    return _read(root, split, root[split]["done"], ...) == 1
 
 
 def unit_region(layout: CacheLayout, epoch: int | None, group: int) -> tuple:
@@ -191,20 +210,30 @@ def unit_region(layout: CacheLayout, epoch: int | None, group: int) -> tuple:
 def write_unit(root: zarr.Group, split: str, epoch: int | None, group: int, data: dict[str, np.ndarray]) -> None:
     """Write one unit's arrays (each shaped [shards in group, P, ...]), make them durable, then mark it done.
 
-    `labels` is written only by the epoch-0 unit (or the val unit), so its chunks also have one writer."""
+    `labels` is written only by the epoch-0 unit (or the val unit), so its chunks also have one writer.
+    Chunks are written even when they hold only the fill value, so a done unit's chunks all exist. A failed
+    write (disk full, a store error) leaves the unit not done and raises CacheError saying so."""
     grp = root[split]
     layout = layout_of(root, split)
     region = unit_region(layout, epoch, group)
-    for name, values in data.items():
-        if name == "labels":
-            if epoch in (None, 0):
-                grp["labels"][region[-1]] = values
-            continue
-        grp[name][region] = values
-    _fsync_chunks(root, split, epoch, group, list(data))
-    done_at = (group,) if epoch is None else (epoch, group)
-    grp["done"][done_at] = 1
-    _fsync_chunks(root, split, epoch, group, ["done"])
+    try:
+        for name, values in data.items():
+            arr = grp[name].with_config({"write_empty_chunks": True})
+            if name == "labels":
+                if epoch in (None, 0):
+                    arr[region[-1]] = values
+                continue
+            arr[region] = values
+        _fsync_chunks(root, split, epoch, group, list(data))
+        done_at = (group,) if epoch is None else (epoch, group)
+        grp["done"][done_at] = 1
+        _fsync_chunks(root, split, epoch, group, ["done"])
+    except OSError as e:
+        raise CacheError(
+            f"cache {root.store}: writing {_unit_text(layout, split, epoch, group)} failed: {e}. The unit is not "
+            f"marked complete and the units completed before it are kept: free space on the cache's filesystem "
+            f"(or fix the store) and resume `make teacher-cache`, which redoes this unit and the ones after it"
+        ) from e
 
 
 def _fsync_chunks(root: zarr.Group, split: str, epoch: int | None, group: int, names: list[str]) -> None:
@@ -231,30 +260,161 @@ def _fsync_chunks(root: zarr.Group, split: str, epoch: int | None, group: int, n
                 os.close(fd)
 
 
-def require_done(root: zarr.Group, split: str, epoch: int | None, shard: int) -> None:
-    layout = layout_of(root, split)
-    group = shard // layout.shards_per_unit
-    flag = root[split]["done"][(group,) if epoch is None else (epoch, group)]
-    if flag != 1:
-        where = f"epoch {epoch}, " if epoch is not None else ""
+def _unit_text(layout: CacheLayout, split: str, epoch: int | None, group: int) -> str:
+    where = f"epoch {epoch}, " if epoch is not None else ""
+    return f"{split} unit ({where}shard group {group}, shards {list(layout.group_shards(group))})"
+
+
+def _require_done(root, split, done: zarr.Array, layout: CacheLayout, epoch: int | None, group: int) -> None:
+    if _read(root, split, done, (group,) if epoch is None else (epoch, group)) != 1:
         raise CacheError(
-            f"cache {root.store}: {split} unit ({where}shard group {group}, shards "
-            f"{list(layout.group_shards(group))}) is not complete: resume `make teacher-cache` to finish it"
+            f"cache {root.store}: {_unit_text(layout, split, epoch, group)} is not complete: resume "
+            f"`make teacher-cache` to finish it"
         )
 
 
 def read_slab(root: zarr.Group, split: str, epoch: int | None, shard: int,
               fields: tuple[str, ...] = ("topk_logits", "topk_ids", "lse", "digest", "view")) -> dict[str, np.ndarray]:
-    """One contiguous read of a shard's cached answers ([P, ...] per field). Refuses units that are not done."""
-    require_done(root, split, epoch, shard)
-    grp = root[split]
-    out = {}
-    for name in fields:
-        if name not in grp:
+    """One contiguous read of a shard's cached answers ([P, ...] per field). Refuses units that are not done,
+    and done units whose chunks are missing or fail their checksum."""
+    arrays = dict(root[split].arrays())
+    layout = layout_of(root, split)
+    group = shard // layout.shards_per_unit
+    _require_done(root, split, arrays["done"], layout, epoch, group)
+    fields = tuple(name for name in fields if name in arrays)
+    _require_chunks(root, split, arrays, layout, epoch, group, fields)
+    if "labels" in fields and epoch not in (None, 0):  # train labels come from the epoch-0 unit
+        _require_done(root, split, arrays["done"], layout, 0, group)
+        _require_chunks(root, split, arrays, layout, 0, group, ("labels",))
+    return {name: _read(root, split, arrays[name], shard if (epoch is None or name == "labels") else (epoch, shard))
+            for name in fields}
+
+
+def read_labels(root: zarr.Group, split: str, damaged: list[str] | None = None) -> np.ndarray:
+    """The ground-truth labels [S, P] of a split, -1 where there is no sample and in shard groups whose
+    labels are not written yet (their epoch-0 / val unit is not done): never the fill value 0.
+
+    A damaged labels chunk raises CacheError; when `damaged` is a list, its group stays -1 and the error
+    text is appended there instead."""
+    arrays = dict(root[split].arrays())
+    layout = layout_of(root, split)
+    done = _read(root, split, arrays["done"], ...) == 1
+    labels = np.full((layout.shards, layout.positions), -1, np.int32)
+    for group in map(int, np.flatnonzero(done[0] if split == "train" else done)):
+        shards = layout.group_shards(group)
+        try:
+            _require_chunks(root, split, arrays, layout, 0 if split == "train" else None, group, ("labels",))
+            labels[shards.start:shards.stop] = _read(root, split, arrays["labels"], slice(shards.start, shards.stop))
+        except CacheError as e:
+            if damaged is None:
+                raise
+            damaged.append(str(e))
+    return labels
+
+
+# --------------------------------------------------------------------------------------------- chunk checks
+
+
+def unit_chunks(arrays: dict[str, zarr.Array], epoch: int | None, group: int,
+                names: tuple[str, ...] | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """(array name, chunk coordinates) of every chunk a unit writes (labels: only the epoch-0 unit), given
+    the split's arrays (`dict(root[split].arrays())`)."""
+    out = []
+    for name in names or sorted(arrays):
+        if name == "labels":
+            if epoch in (None, 0):
+                out.append((name, (group, 0)))
             continue
-        arr = grp[name]
-        out[name] = arr[shard] if (epoch is None or name == "labels") else arr[epoch, shard]
+        lead = (group,) if epoch is None else (epoch, group)
+        out.append((name, lead + (0,) * (arrays[name].ndim - len(lead))))
     return out
+
+
+def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+
+def chunk_location(root: zarr.Group, arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """A chunk's file (local cache) or store key, for messages."""
+    local_root = getattr(root.store, "root", None)
+    key = _chunk_key(arr, coords)
+    return str(Path(local_root, key)) if local_root is not None else f"{root.store}/{key}"
+
+
+def _repair_hint(root: zarr.Group, split: str, done: zarr.Array, epoch: int | None, group: int) -> str:
+    flag = chunk_location(root, done, (group,) if epoch is None else (epoch, group))
+    return (f"restore the cache from a copy, or delete {flag} (the unit's done flag) and resume "
+            f"`make teacher-cache` to recompute the unit")
+
+
+def missing_chunks(root: zarr.Group, arrays: dict[str, zarr.Array],
+                   chunks: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
+    """The chunks of `chunks` absent from the store (checked concurrently, in one round trip)."""
+    async def exist():
+        return await asyncio.gather(*(root.store.exists(_chunk_key(arrays[n], c)) for n, c in chunks))
+
+    return [chunk for chunk, present in zip(chunks, sync(exist())) if not present]
+
+
+def missing_chunk_error(root: zarr.Group, split: str, arrays: dict[str, zarr.Array], layout: CacheLayout,
+                        epoch: int | None, group: int, name: str, coords: tuple[int, ...]) -> CacheError:
+    return CacheError(
+        f"cache {root.store}: {split}/{name} chunk {coords} ({chunk_location(root, arrays[name], coords)}) of "
+        f"{_unit_text(layout, split, epoch, group)}, which is marked complete, is missing; zarr would read it "
+        f"as zeros. The cache was damaged (a file deleted or lost in a copy): "
+        f"{_repair_hint(root, split, arrays['done'], epoch, group)}")
+
+
+def _require_chunks(root, split, arrays, layout, epoch, group, names) -> None:
+    """A done unit's chunks must exist: zarr would read a missing chunk as its fill value (zeros)."""
+    missing = missing_chunks(root, arrays, unit_chunks(arrays, epoch, group, names))
+    if missing:
+        raise missing_chunk_error(root, split, arrays, layout, epoch, group, *missing[0])
+
+
+def _covering_chunks(arr: zarr.Array, selection) -> list[tuple[int, ...]]:
+    """Chunk coordinates a basic selection (ints, slices, one Ellipsis) touches."""
+    sel = selection if isinstance(selection, tuple) else (selection,)
+    if Ellipsis in sel:
+        at = sel.index(Ellipsis)
+        sel = sel[:at] + (slice(None),) * (arr.ndim - len(sel) + 1) + sel[at + 1:]
+    sel = sel + (slice(None),) * (arr.ndim - len(sel))
+    axes = []
+    for index, size, chunk in zip(sel, arr.shape, arr.chunks):
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(size)
+            axes.append(range(start // chunk, -(-stop // chunk)))
+        else:
+            axes.append([int(index) % size // chunk])
+    return list(itertools.product(*axes))
+
+
+def check_chunk(root: zarr.Group, split: str, arr: zarr.Array, coords: tuple[int, ...]) -> None:
+    """Decode one chunk; a failure (checksum, codec) raises CacheError naming array, chunk and unit."""
+    try:
+        arr.get_block_selection(coords)
+    except Exception as e:  # the codecs raise ValueError (crc32c), RuntimeError (blosc), ...
+        name = arr.basename
+        # the unit that writes the chunk: val (group, ...), train labels (group, 0) from epoch 0, train (epoch, group, ...)
+        epoch, group = (None, coords[0]) if split == "val" else (0, coords[0]) if name == "labels" else coords[:2]
+        layout = layout_of(root, split)
+        owner = _unit_text(layout, split, epoch, group)
+        if name == "labels":
+            owner = f"the labels of shard group {group}, written by {owner}"
+        raise CacheError(
+            f"cache {root.store}: {split}/{name} chunk {coords} ({chunk_location(root, arr, coords)}) is corrupt "
+            f"({e}); it belongs to {owner}. Nothing was read from it: "
+            f"{_repair_hint(root, split, root[split]['done'], epoch, group)}") from e
+
+
+def _read(root: zarr.Group, split: str, arr: zarr.Array, selection) -> np.ndarray:
+    """`arr[selection]`; a chunk that does not decode raises CacheError naming it."""
+    try:
+        return arr[selection]
+    except Exception:
+        for coords in _covering_chunks(arr, selection):
+            check_chunk(root, split, arr, coords)
+        raise
 
 
 def disk_usage(path: str) -> int | None:

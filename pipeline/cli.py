@@ -42,7 +42,8 @@ def main():
 
 def manifest_options(fn):
     """`--manifest PATH` and repeatable `--set key.path=value`; the command receives the loaded Manifest
-    as `m`. Manifest errors become clean usage errors naming the key."""
+    as `m`. Manifest errors become clean usage errors naming the key; the errors a user can fix (bad input,
+    a cache that does not fit, a held lock) print their message without a traceback."""
 
     @click.option("--manifest", "manifest_path", default="manifests/demo.yaml", show_default=True,
                   type=click.Path(dir_okay=False), help="YAML run spec (see manifests/).")
@@ -56,6 +57,21 @@ def manifest_options(fn):
             m = load(manifest_path, overrides)
         except ManifestError as e:
             raise click.UsageError(str(e)) from None
-        return fn(m=m, **kwargs)
+        try:
+            return fn(m=m, **kwargs)
+        except user_errors() as e:
+            raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions whose message already says what is wrong and what to do."""
+    from pipeline.cache import CacheError
+    from pipeline.lock import WriterLockError
+    from pipeline.manifest import ManifestError
+    from pipeline.reader import ShardError
+    from pipeline.teacher import TeacherError
+    from pipeline.train import NonFiniteLossError
+
+    return CacheError, WriterLockError, ManifestError, ShardError, TeacherError, NonFiniteLossError

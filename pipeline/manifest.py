@@ -33,7 +33,6 @@ class DataCfg:
     builtin: Literal["digits", "none"] = "digits"  # what `make shards` builds when no SRC is given
     shard_size: int = 300
     on_error: Literal["raise", "skip"] = "raise"
-    labelled_fraction: float = 1.0  # share of train samples whose label the student may use (digits demo)
 
 
 @dataclass(slots=True)
@@ -157,6 +156,7 @@ class StudentCfg:
     drop_path: float = 0.1
     ema: float | None = None
     seed: int = 0
+    train_shards: int | None = None  # train on the first N train shards only (a smaller labelled split); None = all
     workers: int = 0
     shuffle_buffer: int = 512
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -195,8 +195,7 @@ class Manifest:
                 raise ManifestError(f"{key}={value} must be at least 1")
         for key, value in (("student.alpha", s.alpha), ("views.flip.prob", self.views.flip.prob),
                            ("views.erasing.prob", self.views.erasing.prob), ("views.mix.prob", self.views.mix.prob),
-                           ("views.mix.switch_prob", self.views.mix.switch_prob), ("student.smoothing", s.smoothing),
-                           ("data.labelled_fraction", self.data.labelled_fraction)):
+                           ("views.mix.switch_prob", self.views.mix.switch_prob), ("student.smoothing", s.smoothing)):
             if not 0.0 <= value <= 1.0:
                 raise ManifestError(f"{key}={value} must lie in [0, 1]")
         if s.tau <= 0:

@@ -17,6 +17,7 @@ batches: the smallest count any rank reaches in any epoch, so DDP never waits on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -142,18 +143,24 @@ def shuffle_buffer_order(n: int, size: int, rng: np.random.Generator) -> tuple[n
     return order, ready
 
 
-def round_robin_skips(counts: list[int], skip: int) -> list[int]:
-    """How many of each worker's batches are among the first `skip` batches a DataLoader yields when it
-    takes one batch per worker in turn and a finished worker drops out."""
+def round_robin_resume(counts: list[int], skip: int) -> tuple[list[int], int]:
+    """Where each worker stands after the first `skip` batches of an epoch, when a DataLoader takes one batch
+    per worker in turn and a finished worker drops out: (batches taken from each worker, the worker whose
+    turn is next). A loader whose workers run the plans rotated to start at that worker, each skipping its
+    taken batches, continues the sequence exactly."""
     if skip > sum(counts):
         raise ValueError(f"cannot skip {skip} batches of an epoch that has {sum(counts)}")
-    taken = [0] * len(counts)
+    taken, worker = [0] * len(counts), 0
     while skip:
-        for w, count in enumerate(counts):
-            if skip and taken[w] < count:
-                taken[w] += 1
-                skip -= 1
-    return taken
+        if taken[worker] < counts[worker]:
+            taken[worker] += 1
+            skip -= 1
+        worker = (worker + 1) % len(counts)
+    for _ in counts:
+        if taken[worker] < counts[worker]:
+            break
+        worker = (worker + 1) % len(counts)
+    return taken, worker
 
 
 # --------------------------------------------------------------------------------------------- the train set
@@ -207,9 +214,14 @@ class TrainSet:
             plans.append(WorkerPlan(spans, items, order, ready, s.batch_size))
         return plans
 
+    @functools.cached_property
+    def _valid_before(self) -> np.ndarray:
+        """[S, P + 1]: views at positions below p of each shard."""
+        return np.concatenate([np.zeros((len(self.valid), 1), np.int64), self.valid.cumsum(1)], axis=1)
+
     def _batches_per_rank(self, epoch: int) -> list[int]:
         """Batches each rank can make in `epoch`, from counts alone (no shuffle, no rendering)."""
-        prefix = np.concatenate([np.zeros((len(self.valid), 1), np.int64), self.valid.cumsum(1)], axis=1)
+        prefix = self._valid_before
         spans = plan_epoch(self.shardlist, epoch, self.m.student.seed, self.world_size, self.workers,
                            block=self.m.views.mix.window)
         b = self.m.student.batch_size
@@ -222,17 +234,18 @@ class TrainSet:
         steps = min(min(self._batches_per_rank(e)) for e in range(self.m.student.epochs))
         if steps < 1:
             b, w = self.m.student.batch_size, self.world_size
-            raise ManifestError(f"student.batch_size={b} is larger than what some rank's loader worker holds in an "
-                                f"epoch ({self.shardlist.num_samples} train samples over {w} ranks x {self.workers} "
-                                f"workers): lower student.batch_size or student.workers")
+            raise ManifestError(f"student.batch_size={b} leaves some rank without a full batch in an epoch "
+                                f"({self.shardlist.num_samples} train samples over {w} ranks x {self.workers} loader "
+                                f"workers, each batching its own share): lower student.batch_size or student.workers")
         return steps
 
     def loader(self, epoch: int, rank: int, skip: int = 0) -> Iterator[dict]:
         """Exactly `steps_per_epoch - skip` batches of this rank's share of `epoch`, resuming after batch `skip`."""
         steps = self.steps_per_epoch
         plans = self.plan(epoch, rank)
-        skips = round_robin_skips([p.batches for p in plans], skip)
-        dataset = StudentViews(self, epoch, plans, skips)
+        skips, first = round_robin_resume([p.batches for p in plans], skip)
+        # loader worker j runs plan first + j: the loader's own round-robin starts at its worker 0
+        dataset = StudentViews(self, epoch, plans[first:] + plans[:first], skips[first:] + skips[:first])
         workers = self.m.student.workers
         # the generator keeps the loader from drawing its base seed from torch's global RNG
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
@@ -243,11 +256,20 @@ class TrainSet:
 
 
 def open_train_set(m: Manifest, root, world_size: int = 1, teacher_size: int | None = None) -> TrainSet:
+    """The train set of an opened cache; `teacher_size`: also render every view at that size when it differs
+    from the student's (for a teacher run online)."""
     shardlist = load_shardlist(m.data.train)
     layout = cache.layout_of(root, "train")
     counts = [n for _, n, _ in root.attrs["shards"]["train"]]
     in_shard = np.arange(layout.positions)[None, :] < np.array(counts)[:, None]
-    valid = (root["train"]["labels"][...] >= 0) & in_shard
+    valid = (cache.read_labels(root, "train") >= 0) & in_shard
+    subset = m.student.train_shards
+    if subset is not None:
+        if not 1 <= subset <= len(shardlist.shards):
+            raise ManifestError(f"student.train_shards={subset}: {m.data.train} has {len(shardlist.shards)} shards; "
+                                f"choose 1..{len(shardlist.shards)}, or null for all")
+        shardlist = dataclasses.replace(shardlist, shards=shardlist.shards[:subset])
+        valid = valid[:subset]
     size = None if teacher_size in (None, m.student.img_size) else teacher_size
     return TrainSet(m, shardlist, m.cache.path, layout.epochs, valid, layout.num_classes, world_size, size)
 
@@ -332,11 +354,8 @@ class StudentViews(IterableDataset):
 
 
 def _collate(records: list[dict]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in records[0]:
-        values = [r[name] for r in records]
-        out[name] = torch.from_numpy(np.stack(values) if isinstance(values[0], np.ndarray) else np.array(values))
-    out["lam"] = out["lam"].float()
+    out = {name: torch.from_numpy(np.stack([r[name] for r in records])) for name in records[0]}
+    out["lam"] = out["lam"].float()  # Python floats stack as float64
     return out
 
 
@@ -365,7 +384,7 @@ def verify_views(m: Manifest, root, shardlist: ShardList, share: float) -> int:
     the digest of the view the teacher saw, and stop at the first mismatch. Returns how many were checked."""
     if share <= 0:
         return 0
-    valid = root["train"]["labels"][...] >= 0
+    valid = cache.read_labels(root, "train") >= 0
     rng = np.random.default_rng([m.student.seed, int(valid.sum())])
     runs = _verification_runs(shardlist, math.ceil(share * valid.sum()), m.views.mix.window, rng)
     size = root.attrs["teacher_size"]
@@ -396,6 +415,6 @@ def verify_views(m: Manifest, root, shardlist: ShardList, share: float) -> int:
                     f"teacher's answers with other pixels: install the cache's versions or rebuild the cache "
                     f"(`make teacher-cache` into a new cache.path); student.verify_sample=0 skips this check")
     if drift:
-        log.info("library versions differ from the cache's (%s) but the %d re-rendered views are still identical",
+        log.warning("library versions differ from the cache's (%s) but the %d re-rendered views are still identical",
                  ", ".join(f"{k} {now} vs {then}" for k, (then, now) in drift.items()), checked)
     return checked

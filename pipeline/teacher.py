@@ -70,13 +70,35 @@ def state_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _identity(cfg: TeacherCfg, sha: str, pcfg: dict) -> dict:
+    return {"model": cfg.model, "model_args": cfg.model_args, "sha256": sha, "img_size": cfg.img_size,
+            "mean": list(pcfg["mean"]), "std": list(pcfg["std"]), "crop_pct": pcfg.get("crop_pct", 0.875)}
+
+
+def _checkpoint_path(cfg: TeacherCfg) -> Path:
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise TeacherError(f"teacher.checkpoint={path} does not exist: run `make teacher` to train the demo "
+                           f"teacher, or point teacher.checkpoint at a local weights file")
+    return path
+
+
+def teacher_identity(cfg: TeacherCfg, num_classes: int) -> dict:
+    """The teacher's identity for the cache fingerprint, without loading a checkpoint's weights (a student
+    checks its cache against it before training; RegNetY-16GF weights are 330 MB)."""
+    if not cfg.checkpoint:
+        return load_teacher(cfg, num_classes).identity  # timm weights: the hash is of the loaded state
+    try:
+        pcfg = timm.models.get_pretrained_cfg(cfg.model).to_dict()
+    except (AttributeError, RuntimeError):
+        pcfg = create_model(cfg, num_classes).pretrained_cfg
+    return _identity(cfg, file_sha256(_checkpoint_path(cfg)), pcfg)
+
+
 def load_teacher(cfg: TeacherCfg, num_classes: int, device: torch.device | str = "cpu") -> Teacher:
     """The frozen teacher in eval mode with its own normalisation (from its pretrained config)."""
     if cfg.checkpoint:
-        path = Path(cfg.checkpoint)
-        if not path.is_file():
-            raise TeacherError(f"teacher.checkpoint={path} does not exist: run `make teacher` to train the demo "
-                               f"teacher, or point teacher.checkpoint at a local weights file")
+        path = _checkpoint_path(cfg)
         model = create_model(cfg, num_classes)
         state = _state_dict_from_file(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -93,9 +115,8 @@ def load_teacher(cfg: TeacherCfg, num_classes: int, device: torch.device | str =
                            "teacher.pretrained: true for timm's weights (e.g. regnety_160.deit_in1k)")
     model.eval().requires_grad_(False).to(device)
     pcfg = model.pretrained_cfg
-    identity = {"model": cfg.model, "model_args": cfg.model_args, "sha256": sha, "img_size": cfg.img_size,
-                "mean": list(pcfg["mean"]), "std": list(pcfg["std"]), "crop_pct": pcfg.get("crop_pct", 0.875)}
-    return Teacher(model, tuple(pcfg["mean"]), tuple(pcfg["std"]), pcfg.get("crop_pct", 0.875), identity)
+    identity = _identity(cfg, sha, pcfg)
+    return Teacher(model, tuple(pcfg["mean"]), tuple(pcfg["std"]), identity["crop_pct"], identity)
 
 
 def normalize(views_uint8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -104,6 +125,20 @@ def normalize(views_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def decode_split(shardlist_path: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every sample of a (small) split as uint8 [N, size, size, 3] images, labels and class names."""
+    from pipeline.reader import read_shard
+    from pipeline.shards import load_shardlist
+
+    shardlist = load_shardlist(shardlist_path)
+    images, labels = [], []
+    for shard in range(len(shardlist.shards)):
+        for sample in read_shard(shardlist, shard):
+            images.append(np.asarray(sample.image.convert("RGB").resize((size, size))))
+            labels.append(sample.label)
+    return np.stack(images), np.array(labels), list(shardlist.classes)
 
 
 def train_teacher(cfg: TeacherCfg, images: np.ndarray, labels: np.ndarray, val_images: np.ndarray,

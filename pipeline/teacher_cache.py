@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline import cache, views
+from pipeline.lock import writer_lock
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.reader import read_shard
 from pipeline.shards import ShardList, load_shardlist
@@ -231,8 +232,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def run(m: Manifest, rank: int = 0, world_size: int = 1, barrier=None, progress: bool = True) -> dict:
-    """Fill the cache for this rank's units. `barrier` (a callable) syncs ranks after creation under torchrun;
-    independent jobs pass None and rely on creation being idempotent."""
+    """Fill the cache for this rank's units, holding the writer lock of (cache, rank, world size) so a second
+    writer started by mistake stops before touching it (`pipeline.lock`). `barrier` (a callable) syncs ranks
+    after creation under torchrun; independent jobs pass None and rely on creation being idempotent."""
+    with writer_lock(m.cache.path, rank, world_size):
+        return _fill(m, rank, world_size, barrier, progress)
+
+
+def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> dict:
     lists = {"train": load_shardlist(m.data.train), "val": load_shardlist(m.data.val)}
     if lists["val"].classes != lists["train"].classes:
         raise ManifestError(f"the class maps of {m.data.train} and {m.data.val} differ: rebuild the shards")

@@ -17,7 +17,7 @@ def _summary(path: Path) -> str:
             f"{len(shardlist.classes)} classes -> {path}")
 
 
-def _digits_root(manifest) -> Path:
+def digits_root(manifest) -> Path:
     """The directory `write_digits` fills so that it produces exactly data.train and data.val."""
     root = Path(manifest.data.train).parent.parent
     for key, split in (("train", "train"), ("val", "val")):
@@ -51,7 +51,7 @@ def shards(manifest, overrides, src, out, shard_size, seed):
         if spec.data.builtin != "digits":
             raise click.UsageError(f"{manifest}: data.builtin is {spec.data.builtin!r}, so there is nothing built in "
                                    f"to build: pass --src/--out, or list your own shards with `distill shardlist`")
-        for path in write_digits(_digits_root(spec), shard_size or spec.data.shard_size, seed):
+        for path in write_digits(digits_root(spec), shard_size or spec.data.shard_size, seed):
             click.echo(_summary(path))
     except (ShardError, ManifestError) as e:
         raise click.ClickException(str(e)) from None

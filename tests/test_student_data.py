@@ -3,23 +3,26 @@ positions, no random numbers drawn, the digest check and the cache checks.
 
 The tiny cache built here (`tiny_cache`) is also used by tests/test_train.py."""
 
+import dataclasses
 import io
 import random
 import shutil
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from webdataset import TarWriter
 
 from pipeline import cache, views
-from pipeline.manifest import load
+from pipeline.manifest import ManifestError, load
 from pipeline.shards import build_shardlist, digits_arrays
-from pipeline.student_data import (ViewDriftError, check_complete, open_train_set, round_robin_skips,
+from pipeline.student_data import (ViewDriftError, check_complete, open_train_set, round_robin_resume,
                                    shuffle_buffer_order, verify_views)
+from pipeline.teacher import train_teacher
 from pipeline.teacher_cache import run as fill_cache
+
+torch.set_num_threads(1)  # two busy cores: a second intra-op thread only spins
 
 TRAIN_SHARDS = (40, 25, 33)  # unequal on purpose
 VAL_SHARDS = (20,)
@@ -45,11 +48,17 @@ def _write_shards(directory, sizes, first_index, bad=None):
     return out
 
 
-def _teacher_checkpoint(path, m, seed=0):
-    torch.manual_seed(seed)
-    model = timm.create_model(m.teacher.model, num_classes=10, **m.teacher.model_args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict()}, path)
+def _teacher_checkpoint(path, m):
+    """A briefly trained tiny teacher, its logits scaled up tenfold: weak, but confident, and its answers
+    differ from view to view."""
+    images, labels = digits_arrays()
+    cfg = dataclasses.replace(m.teacher, train=dataclasses.replace(m.teacher.train, epochs=5, batch_size=16, lr=0.01))
+    n = sum(TRAIN_SHARDS)
+    train_teacher(cfg, images[:n], labels[:n], images[n:n + 20], labels[n:n + 20], 10, path)
+    state = torch.load(path, weights_only=True)
+    for name in ("head.fc.weight", "head.fc.bias"):
+        state["model"][name] *= 10
+    torch.save(state, path)
     return path
 
 
@@ -64,11 +73,13 @@ class TinyCache:
         self.cache_path = root / "cache"
         fill_cache(self.manifest(), progress=False)
 
+    def manifest_overrides(self, run_dir=None):
+        return [f"data.train={self.train}", f"data.val={self.val}", "data.on_error=skip",
+                f"teacher.checkpoint={self.checkpoint}", f"cache.path={self.cache_path}",
+                f"student.run_dir={run_dir or self.root / 'run'}"]
+
     def manifest(self, *overrides, run_dir=None):
-        paths = [f"data.train={self.train}", f"data.val={self.val}", "data.on_error=skip",
-                 f"teacher.checkpoint={self.checkpoint}", f"cache.path={self.cache_path}",
-                 f"student.run_dir={run_dir or self.root / 'run'}"]
-        return load("manifests/tiny.yaml", paths + list(overrides))
+        return load("manifests/tiny.yaml", self.manifest_overrides(run_dir) + list(overrides))
 
     def open(self):
         return cache.open_cache(str(self.cache_path))
@@ -93,7 +104,7 @@ def test_replayed_views_are_the_views_the_teacher_saw(tiny_cache):
     assert m.student.img_size == m.teacher.img_size  # so the student's views can be compared by digest
     batches = _epoch(data, 0)
     assert len(batches) == data.steps_per_epoch
-    train = root["train"]
+    train = {name: arr[...] for name, arr in root["train"].arrays()}
     seen = 0
     for batch in batches:
         for i, (shard, pos) in enumerate(zip(batch["shard"].tolist(), batch["pos"].tolist())):
@@ -115,7 +126,7 @@ def test_replayed_views_are_the_views_the_teacher_saw(tiny_cache):
 def test_student_epochs_cycle_through_the_cached_epochs(tiny_cache):
     data = open_train_set(tiny_cache.manifest("student.epochs=3"), tiny_cache.open())
     assert data.cache_epochs == 2
-    digest = tiny_cache.open()["train"]["digest"]
+    digest = tiny_cache.open()["train"]["digest"][...]
     batch = _epoch(data, 2)[0]  # student epoch 2 replays cache epoch 0
     for view, shard, pos in zip(batch["views"], batch["shard"].tolist(), batch["pos"].tolist()):
         assert (views.view_digest(view.numpy()) or 1) == int(digest[0, shard, pos])
@@ -127,7 +138,7 @@ def test_student_resolution_differs_from_the_teachers(tiny_cache):
     batch = _epoch(data, 0)[0]
     assert batch["views"].shape[1:] == (8, 8, 3)
     assert batch["teacher_views"].shape[1:] == (16, 16, 3)
-    digest = tiny_cache.open()["train"]["digest"]
+    digest = tiny_cache.open()["train"]["digest"][...]
     for view, shard, pos in zip(batch["teacher_views"], batch["shard"].tolist(), batch["pos"].tolist()):
         assert (views.view_digest(view.numpy()) or 1) == int(digest[0, shard, pos])
 
@@ -168,6 +179,14 @@ def test_every_rank_takes_the_same_number_of_steps(tiny_cache, world_size):
     assert data.steps_per_epoch == min(min(data._batches_per_rank(e)) for e in range(m.student.epochs))
 
 
+def test_a_batch_larger_than_a_workers_share_is_refused(tiny_cache):
+    data = open_train_set(tiny_cache.manifest("student.batch_size=50", "student.workers=3"), tiny_cache.open())
+    with pytest.raises(ManifestError, match=r"student.batch_size=50 leaves some rank without a full batch in an "
+                                            r"epoch \(98 train samples over 1 ranks x 3 loader workers, each batching "
+                                            r"its own share\): lower student.batch_size or student.workers"):
+        data.steps_per_epoch
+
+
 def test_shuffle_buffer_order():
     n, size = 50, 8
     order, ready = shuffle_buffer_order(n, size, np.random.default_rng(0))
@@ -182,31 +201,37 @@ def test_shuffle_buffer_order():
     assert np.array_equal(order, again)
 
 
-def test_round_robin_skips():
-    assert round_robin_skips([1, 3, 2], 0) == [0, 0, 0]
-    assert round_robin_skips([1, 3, 2], 4) == [1, 2, 1]  # w0 w1 w2 | w1 ...
-    assert round_robin_skips([1, 3, 2], 6) == [1, 3, 2]
+def test_round_robin_resume():
+    # batches of workers with 1, 3 and 2 batches come as w0 w1 w2 | w1 w2 | w1
+    assert round_robin_resume([1, 3, 2], 0) == ([0, 0, 0], 0)
+    assert round_robin_resume([1, 3, 2], 2) == ([1, 1, 0], 2)
+    assert round_robin_resume([1, 3, 2], 3) == ([1, 1, 1], 1)
+    assert round_robin_resume([1, 3, 2], 4) == ([1, 2, 1], 2)
+    assert round_robin_resume([1, 3, 2], 5) == ([1, 2, 2], 1)
     with pytest.raises(ValueError, match="cannot skip 7 batches of an epoch that has 6"):
-        round_robin_skips([1, 3, 2], 7)
+        round_robin_resume([1, 3, 2], 7)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 def test_loader_resumes_inside_an_epoch_with_workers(tiny_cache):
-    data = open_train_set(tiny_cache.manifest("student.workers=2", "student.shuffle_buffer=32"), tiny_cache.open())
-    counts = [p.batches for p in data.plan(0, 0)]
-    assert len(counts) == 2
+    # three workers of 4, 5 and 3 batches: the last drops out first, the middle one runs alone at the end
+    data = open_train_set(tiny_cache.manifest("student.workers=3", "student.shuffle_buffer=32",
+                                              "student.epochs=1"), tiny_cache.open())
+    assert [p.batches for p in data.plan(0, 0)] == [4, 5, 3]
     full = _epoch(data, 0)
-    skip = 3
-    tail = _epoch(data, 0, skip=skip)
-    assert len(tail) == len(full) - skip
-    for a, b in zip(full[skip:], tail):
-        for name in ("shard", "pos", "views", "topk_logits", "lam"):
-            assert torch.equal(a[name], b[name]), name
+    assert len(full) == data.steps_per_epoch == 12
+    for skip in (1, 5, 10):
+        tail = _epoch(data, 0, skip=skip)
+        assert len(tail) == len(full) - skip
+        for a, b in zip(full[skip:], tail):
+            for name in ("shard", "pos", "views", "topk_logits", "lam"):
+                assert torch.equal(a[name], b[name]), (skip, name)
 
 
 # --------------------------------------------------------------------------------------------- checks
 
 
-def test_digest_check_passes_on_an_intact_cache(tiny_cache, caplog):
+def test_digest_check_passes_on_an_intact_cache(tiny_cache):
     m = tiny_cache.manifest()
     data = open_train_set(m, tiny_cache.open())
     checked = verify_views(m, tiny_cache.open(), data.shardlist, 1.0)
@@ -243,6 +268,15 @@ def test_drifted_versions_with_identical_views_are_only_logged(tiny_cache, cache
     with caplog.at_level("INFO", logger="pipeline.student_data"):
         verify_views(m, root, open_train_set(m, root).shardlist, 0.2)
     assert "numpy" in caplog.text and "still identical" in caplog.text
+
+
+def test_a_labelled_position_without_a_view_stops_the_loader(tiny_cache, cache_copy):
+    root = cache.open_cache(str(cache_copy), mode="r+")
+    root["train"]["digest"][0, 0, 7] = 0
+    data = open_train_set(tiny_cache.manifest(f"cache.path={cache_copy}"), root)
+    with pytest.raises(cache.CacheError, match=r"cache epoch 0, shard 0 \(.*part-000000.tar\) position 7 has a label "
+                                               r"but no view \(digest 0\): .*rebuild the cache"):
+        _epoch(data, 0)
 
 
 def test_incomplete_cache_is_refused(tiny_cache, cache_copy):

@@ -1,0 +1,354 @@
+"""Verify a teacher cache against the teacher: recompute a random sample of cached views and compare.
+
+For every shard with complete units, a seeded random run of about `share` of its views (at least one, so
+every complete unit is sampled) is re-rendered from the stored parameters at the teacher's resolution
+(`views.render`; val: `views.eval_view`), and for every complete epoch of that shard:
+
+- the digest of the re-rendered uint8 view must equal the stored one (the pixels are the teacher's);
+- the teacher is run again on the view and its logits compared with the stored top-K: class agreement of
+  the top-K as a set and in order, the top-1, the largest logit error (stored float16 logit vs the
+  recomputed logit of the same class) and the largest logsumexp error.
+
+Float16 storage rounds a logit by up to half a float16 step, and a teacher run on another device, batch
+or precision (bfloat16 autocast on CUDA) moves it further, by an amount that scales with the view's logits
+as a whole rather than with each logit. So a cached logit passes when its error is within half its float16
+step + `logit_atol` + `logit_rtol` x s, where s is the view's largest |cached logit|; the logsumexp
+(float32) within `logit_atol` + `logit_rtol` x s. A top-1 disagreement counts only when the recomputed
+winner beats the cached top-1 class by more than that tolerance (a near-tie may flip either way). Views
+whose digest differs are not compared further: their pixels are not the teacher's.
+
+The library versions stored in the cache are compared with the installed ones; they are reported, and the
+digests decide whether the difference matters. A scan of every chunk of every complete unit (existence and
+checksum) runs first unless switched off. Units not complete yet are listed, not failed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline import cache, views
+from pipeline.manifest import Manifest
+from pipeline.reader import read_shard
+from pipeline.shards import ShardList, load_shardlist
+from pipeline.student_data import check_fingerprint
+from pipeline.teacher import Teacher, load_teacher
+from pipeline.teacher_cache import cache_attrs, forward, library_versions, pick_device
+
+FIELDS = {"train": ("topk_logits", "topk_ids", "lse", "digest", "view"), "val": ("topk_logits", "topk_ids", "lse", "digest")}
+EXAMPLES = 5  # locations listed per kind of failure
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Pass/fail limits; the defaults are documented in `distill verify-cache --help`."""
+
+    max_digest_mismatches: int = 0
+    max_top1_disagreement: float = 0.01  # share of checked views
+    logit_atol: float = 1e-3
+    logit_rtol: float = 0.03  # of the view's largest |logit|: a cache filled under CUDA bf16, checked on CPU
+
+
+@dataclass(slots=True)
+class SplitReport:
+    split: str
+    units_done: int = 0
+    units_total: int = 0
+    incomplete: list[str] = field(default_factory=list)
+    views: int = 0
+    digest_matches: int = 0
+    digest_mismatches: list[str] = field(default_factory=list)
+    topk_set_agree: int = 0
+    topk_order_agree: int = 0
+    top1_agree: int = 0
+    top1_disagreements: list[str] = field(default_factory=list)  # beyond tolerance
+    max_logit_error: float = 0.0
+    logit_violations: list[str] = field(default_factory=list)
+    max_lse_error: float = 0.0
+    lse_violations: list[str] = field(default_factory=list)
+
+    @property
+    def compared(self) -> int:
+        return self.digest_matches
+
+
+@dataclass(slots=True)
+class Report:
+    cache: str
+    share: float
+    seed: int
+    thresholds: Thresholds
+    splits: dict[str, SplitReport]
+    versions: dict[str, dict[str, str | None]]  # library -> {"cache": ..., "installed": ...}, differing only
+    damaged: list[str] = field(default_factory=list)  # chunk problems of complete units
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return out
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+def sample_positions(labels: np.ndarray, share: float, seed: int, split: str) -> dict[int, np.ndarray]:
+    """shard -> the positions to check: a random run of about `share` of the shard's views (at least one),
+    drawn from (seed, split, shard) alone. `labels` [S, P] is -1 where no view is cached."""
+    out = {}
+    for shard, row in enumerate(labels):
+        held = np.flatnonzero(row >= 0)
+        if not len(held):
+            continue
+        n = min(len(held), max(1, math.ceil(share * len(held))))
+        rng = np.random.default_rng([seed, cache.SPLITS.index(split), shard])
+        first = int(rng.integers(len(held) - n + 1))
+        out[shard] = held[first:first + n]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def scan_chunks(root) -> list[str]:
+    """Every chunk of every complete unit must exist and decode (checksum): one line per problem. Each array
+    is read an epoch at a time; only where that fails are the complete units' chunks decoded one by one."""
+    problems = []
+    for split in cache.SPLITS:
+        arrays = dict(root[split].arrays())
+        layout = cache.layout_of(root, split)
+        done = cache.done_units(root, split)
+        for epoch in [None] if split == "val" else range(done.shape[0]):
+            units = {int(g): cache.unit_chunks(arrays, epoch, int(g))
+                     for g in np.flatnonzero(done if epoch is None else done[epoch])}
+            missing = set(cache.missing_chunks(root, arrays, [c for chunks in units.values() for c in chunks]))
+            problems += [str(cache.missing_chunk_error(root, split, arrays, layout, epoch, group, *chunk))
+                         for group, chunks in units.items() for chunk in chunks if chunk in missing]
+            for name, arr in arrays.items():
+                if name == "done" or (name == "labels" and epoch not in (None, 0)):
+                    continue  # the done flags were read above; train labels belong to epoch 0
+                try:
+                    arr[... if epoch is None or name == "labels" else epoch]
+                except Exception:  # a chunk does not decode (it may be one of a unit not done): find which
+                    chunks = [c for cs in units.values() for c in cs if c[0] == name and c not in missing]
+                    problems += _undecodable(root, split, arr, chunks)
+    return problems
+
+
+def _undecodable(root, split: str, arr, chunks: list[tuple[str, tuple[int, ...]]]) -> list[str]:
+    problems = []
+    for _, coords in chunks:
+        try:
+            cache.check_chunk(root, split, arr, coords)
+        except cache.CacheError as e:
+            problems.append(str(e))
+    return problems
+
+
+def version_drift(attrs: dict) -> dict[str, dict[str, str | None]]:
+    stored = attrs.get("versions", {})
+    return {name: {"cache": stored.get(name), "installed": now}
+            for name, now in library_versions().items() if stored.get(name) != now}
+
+
+def _fp16_half_step(values: np.ndarray) -> np.ndarray:
+    """Half the float16 spacing at each stored value: the most float16 rounding can move a logit."""
+    return np.spacing(np.abs(values.astype(np.float16))).astype(np.float64) / 2
+
+
+def compare_answers(report: SplitReport, stored: dict, logits: np.ndarray, where: list[str], t: Thresholds) -> None:
+    """Fold one batch of recomputed logits [b, C] (float32) into the report, against the stored top-K
+    logits/ids [b, K] and lse [b]."""
+    k = stored["topk_ids"].shape[1]
+    ids = stored["topk_ids"].astype(np.int64)
+    stored_logits = stored["topk_logits"].astype(np.float64)
+    recomputed = torch.from_numpy(logits)
+    rec_ids = recomputed.topk(k, dim=1).indices.numpy()
+    rec_lse = torch.logsumexp(recomputed.double(), dim=1).numpy()
+    logits = logits.astype(np.float64)
+    at_ids = np.take_along_axis(logits, ids, axis=1)
+    error = np.abs(stored_logits - at_ids)
+    tolerance = t.logit_atol + t.logit_rtol * np.abs(stored_logits).max(axis=1)  # [b]
+    allowed = _fp16_half_step(stored["topk_logits"]) + tolerance[:, None]
+    lse_error = np.abs(stored["lse"].astype(np.float64) - rec_lse)
+    rows = np.arange(len(ids))
+    margin = logits[rows, rec_ids[:, 0]] - logits[rows, ids[:, 0]]
+    report.topk_set_agree += int(sum(set(a) == set(b) for a, b in zip(ids.tolist(), rec_ids.tolist())))
+    report.topk_order_agree += int((ids == rec_ids).all(axis=1).sum())
+    report.top1_agree += int((ids[:, 0] == rec_ids[:, 0]).sum())
+    report.max_logit_error = max(report.max_logit_error, float(error.max(initial=0.0)))
+    report.max_lse_error = max(report.max_lse_error, float(lse_error.max(initial=0.0)))
+    for i, place in enumerate(where):
+        if margin[i] > tolerance[i]:
+            report.top1_disagreements.append(f"{place}: cache says class {ids[i, 0]}, the teacher now says "
+                                             f"{rec_ids[i, 0]} by a logit margin of {margin[i]:.4g}")
+        bad = np.flatnonzero(error[i] > allowed[i])
+        if len(bad):
+            j = int(bad[np.argmax(error[i, bad])])
+            report.logit_violations.append(f"{place}: class {ids[i, j]} cached {stored_logits[i, j]:.6g}, "
+                                           f"recomputed {at_ids[i, j]:.6g} (error {error[i, j]:.3g} > {allowed[i, j]:.3g})")
+        if lse_error[i] > tolerance[i]:
+            report.lse_violations.append(f"{place}: cached lse {stored['lse'][i]:.6g}, recomputed {rec_lse[i]:.6g} "
+                                         f"(error {lse_error[i]:.3g} > {tolerance[i]:.3g})")
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+class _Verifier:
+    def __init__(self, m: Manifest, root, teacher: Teacher, device: torch.device, thresholds: Thresholds):
+        self.m, self.root, self.teacher, self.device, self.t = m, root, teacher, device, thresholds
+        self.size = root.attrs["teacher_size"]
+
+    def shard(self, report: SplitReport, shardlist: ShardList, split: str, shard: int, positions: np.ndarray,
+              epochs: list[int | None], damaged: list[str]) -> None:
+        """Check `positions` of one shard in each of `epochs` (its complete units), reading the shard once."""
+        window = self.m.views.mix.window
+        start, stop = positions[0] // window * window, min(-(-(positions[-1] + 1) // window) * window,
+                                                              shardlist.shards[shard].samples)
+        samples = {s.pos: s for s in read_shard(shardlist, shard, start=start, stop=stop, on_error="skip")}
+        for epoch in epochs:
+            try:
+                slab = cache.read_slab(self.root, split, epoch, shard, FIELDS[split])
+            except cache.CacheError as e:  # found here when the chunk scan is off
+                damaged.append(str(e))
+                continue
+            self._epoch(report, shardlist, split, epoch, shard, positions, samples, slab)
+
+    def _epoch(self, report, shardlist, split, epoch, shard, positions, samples, slab) -> None:
+        rendered, places, kept = [], [], []
+        for pos in map(int, positions):
+            where = f"{split} {'' if epoch is None else f'epoch {epoch}, '}shard {shard} position {pos}"
+            sample = samples.get(pos)
+            report.views += 1
+            if sample is None:
+                report.digest_mismatches.append(f"{where}: the sample no longer decodes from "
+                                                f"{shardlist.shards[shard].url}")
+                continue
+            where += f" (key {sample.key!r})"
+            view = self._render(split, sample, samples, slab, pos)
+            if (views.view_digest(view) or 1) != int(slab["digest"][pos]):
+                report.digest_mismatches.append(where)
+                continue
+            report.digest_matches += 1
+            rendered.append(view)
+            places.append(where)
+            kept.append(pos)
+        batch = self.m.cache.batch_size
+        for i in range(0, len(kept), batch):
+            x = torch.from_numpy(np.stack(rendered[i:i + batch]))
+            logits = forward(self.teacher, x, self.device).float().numpy()
+            rows = kept[i:i + batch]
+            stored = {name: slab[name][rows] for name in ("topk_logits", "topk_ids", "lse")}
+            compare_answers(report, stored, logits, places[i:i + batch], self.t)
+
+    def _render(self, split, sample, samples, slab, pos) -> np.ndarray:
+        if split == "val":
+            return views.eval_view(sample.image, self.size, self.teacher.crop_pct)
+        params = slab["view"][pos]
+        partner, _ = views.mix_target(params)
+        if partner != pos and partner not in samples:
+            partner = pos  # a skipped bad sample: the teacher stage mixed the view with itself
+        return views.render(sample.image, params, self.size, self.m.views,
+                            partner_image=samples[partner].image, partner_params=slab["view"][partner])
+
+
+def _incomplete(split: str, done: np.ndarray) -> list[str]:
+    if split == "val":
+        return [f"val shard group {g}" for g in np.flatnonzero(~done)]
+    return [f"train epoch {e}, shard group {g}" for e, g in zip(*np.nonzero(~done))]
+
+
+def verify_cache(m: Manifest, path: str, share: float = 0.01, seed: int = 0, thresholds: Thresholds = Thresholds(),
+                 scan: bool = True) -> Report:
+    """Verify the cache at `path` (built from the run spec `m`) on a random sample; see the module doc."""
+    if not 0 < share <= 1:
+        raise ValueError(f"--sample={share} must lie in (0, 1]: the share of cached views to recompute")
+    root = cache.open_cache(path)
+    lists = {"train": load_shardlist(m.data.train), "val": load_shardlist(m.data.val)}
+    device = pick_device(m.cache.device)
+    teacher = load_teacher(m.teacher, len(lists["train"].classes), device)
+    check_fingerprint(root, cache_attrs(m, lists["train"], lists["val"], teacher.identity), path)
+    report = Report(path, share, seed, thresholds, {}, version_drift(dict(root.attrs)))
+    if scan:
+        report.damaged = scan_chunks(root)
+    verifier = _Verifier(m, root, teacher, device, thresholds)
+    for split in cache.SPLITS:
+        layout = cache.layout_of(root, split)
+        done = cache.done_units(root, split)
+        sr = report.splits[split] = SplitReport(split, int(done.sum()), int(done.size), _incomplete(split, done))
+        labels = cache.read_labels(root, split, report.damaged)
+        for shard, positions in sample_positions(labels, share, seed, split).items():
+            group = shard // layout.shards_per_unit
+            epochs = [None] if split == "val" else [int(e) for e in np.flatnonzero(done[:, group])]
+            if not (done[group] if split == "val" else epochs):
+                continue
+            verifier.shard(sr, lists[split], split, shard, positions, epochs, report.damaged)
+    report.damaged = list(dict.fromkeys(report.damaged))
+    report.failures = _failures(report)
+    return report
+
+
+def _failures(report: Report) -> list[str]:
+    t, out = report.thresholds, []
+    if report.damaged:
+        out.append(f"{len(report.damaged)} damaged chunk(s) in complete units: {report.damaged[0]}")
+    for sr in report.splits.values():
+        if len(sr.digest_mismatches) > t.max_digest_mismatches:
+            drift = ", ".join(f"{k} {v['installed']} (cache: {v['cache']})" for k, v in report.versions.items())
+            cause = (f"the installed versions differ from the cache's: {drift}" if drift else
+                     "the library versions match the cache's: the rendering code or the cache itself changed")
+            out.append(f"{sr.split}: {len(sr.digest_mismatches)} of {sr.views} re-rendered views differ from the "
+                       f"views the teacher saw ({cause}); first: {sr.digest_mismatches[0]}. Install the cache's "
+                       f"versions or rebuild the cache")
+        if sr.compared and len(sr.top1_disagreements) / sr.compared > t.max_top1_disagreement:
+            out.append(f"{sr.split}: the teacher's top-1 now differs on {len(sr.top1_disagreements)} of "
+                       f"{sr.compared} views (more than {t.max_top1_disagreement:.2%}); first: "
+                       f"{sr.top1_disagreements[0]}")
+        if sr.logit_violations:
+            out.append(f"{sr.split}: {len(sr.logit_violations)} views have cached logits off by more than float16 "
+                       f"rounding + {t.logit_atol:g} + {t.logit_rtol:g} x the view's largest |logit| "
+                       f"(--logit-atol/--logit-rtol); first: {sr.logit_violations[0]}")
+        if sr.lse_violations:
+            out.append(f"{sr.split}: {len(sr.lse_violations)} views have a cached logsumexp off by more than "
+                       f"{t.logit_atol:g} + {t.logit_rtol:g} x the view's largest |logit|; first: {sr.lse_violations[0]}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the table
+
+
+def format_report(report: Report) -> str:
+    def share(n: int, d: int) -> str:
+        return f"{n}/{d} ({n / d:.1%})" if d else "-"
+
+    rows = [("", *report.splits)]
+    rows.append(("complete units", *(f"{s.units_done}/{s.units_total}" for s in report.splits.values())))
+    rows.append(("views checked", *(str(s.views) for s in report.splits.values())))
+    rows.append(("digest matches", *(share(s.digest_matches, s.views) for s in report.splits.values())))
+    rows.append(("top-K set agrees", *(share(s.topk_set_agree, s.compared) for s in report.splits.values())))
+    rows.append(("top-K order agrees", *(share(s.topk_order_agree, s.compared) for s in report.splits.values())))
+    rows.append(("top-1 agrees", *(share(s.top1_agree, s.compared) for s in report.splits.values())))
+    rows.append(("top-1 off beyond tol", *(str(len(s.top1_disagreements)) for s in report.splits.values())))
+    rows.append(("max logit error", *(f"{s.max_logit_error:.3g}" for s in report.splits.values())))
+    rows.append(("max lse error", *(f"{s.max_lse_error:.3g}" for s in report.splits.values())))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"verify-cache {report.cache}: sample {report.share:g} (seed {report.seed})"]
+    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+              for r in rows]
+    if report.versions:
+        lines.append("library versions differ from the cache's (the digests above decide whether that matters): " +
+                     ", ".join(f"{k} {v['installed']} (cache: {v['cache']})" for k, v in report.versions.items()))
+    for s in report.splits.values():
+        if s.incomplete:
+            lines.append(f"{s.split}: {len(s.incomplete)} unit(s) not complete, not verified (first: "
+                         f"{s.incomplete[0]}): resume `make teacher-cache` to finish them")
+    lines.append("PASSED" if report.passed else "FAILED:\n  " + "\n  ".join(report.failures))
+    return "\n".join(lines)

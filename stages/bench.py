@@ -1,0 +1,43 @@
+"""`distill bench`: measure the speed ratios and the storage cost side by side; write results.json and
+BENCHMARKS.md (see `pipeline.bench`)."""
+
+import shlex
+
+import click
+import torch
+
+from pipeline.bench import SECTIONS, run
+from pipeline.manifest import ManifestError, load
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="Tiny settings for a smoke run (well under a minute).")
+@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for results.json and the bench's scratch data (<out>/work, wiped first).")
+@click.option("--markdown", type=click.Path(dir_okay=False),
+              help="Where the report goes [default: BENCHMARKS.md; with --quick <out>/BENCHMARKS.md, so a smoke "
+                   "run never replaces the committed numbers].")
+@click.option("--only", multiple=True, type=click.Choice(SECTIONS),
+              help="Run only this section (repeatable); sections another needs run first, unreported.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the teacher and the student run.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch intra-op threads of the bench process (1: per-core rates, steadiest on a shared machine).")
+@click.option("--manifest", "manifest_path", default="manifests/demo.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Run spec whose view recipe the digits runs replay.")
+def bench(quick, out, markdown, only, device, threads, manifest_path):
+    """Student speedup, cache-stage efficiency, cache read rate, storage per view and view replay cost."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda but no CUDA device is visible: use --device cpu (or auto)")
+    try:
+        base = load(manifest_path)
+    except ManifestError as e:
+        raise click.UsageError(str(e)) from None
+    args = (["--quick"] if quick else []) + (["--out", out] if out != "bench" else []) \
+        + [a for name in only for a in ("--only", name)] + (["--device", device] if device != "cpu" else []) \
+        + (["--threads", str(threads)] if threads != 1 else []) \
+        + (["--manifest", manifest_path] if manifest_path != "manifests/demo.yaml" else [])
+    command = shlex.join(["distill", "bench", *args])
+    results = run(out, quick=quick, markdown=markdown, only=only, device=device, manifest=base, command=command,
+                  threads=threads)
+    click.echo(f"bench: {out}/results.json ({', '.join(f'{k} {v} s' for k, v in results['seconds'].items())})")

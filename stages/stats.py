@@ -1,0 +1,54 @@
+"""`distill stats`: teacher agreement statistics of a cache and of student runs trained from it."""
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.manifest import ManifestError, load
+
+
+def default_out(cache_path: str) -> Path:
+    if "://" in cache_path and not cache_path.startswith("file://"):
+        raise click.UsageError(f"the cache {cache_path} is not a local directory: pass --out for the outputs")
+    return Path(cache_path.removeprefix("file://")) / "stats"
+
+
+def cache_path_of(cache_path: str | None, manifest_path: str, overrides: tuple[str, ...]) -> str:
+    """`--cache` wins; else the manifest's cache.path."""
+    if cache_path:
+        return cache_path
+    try:
+        return load(manifest_path, overrides).cache.path
+    except ManifestError as e:
+        raise click.UsageError(str(e)) from None
+
+
+@click.command("stats")
+@click.option("--cache", "cache_path", default=None,
+              help="Teacher cache directory [default: the manifest's cache.path].")
+@click.option("--manifest", "manifest_path", default="manifests/demo.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Run spec naming cache.path when --cache is not given.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
+@click.option("--run", "runs", multiple=True, type=click.Path(file_okay=False),
+              help="A student run_dir, or a sweep directory holding several (repeatable).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output directory [default: <cache>/stats].")
+def stats(cache_path, manifest_path, overrides, runs, out):
+    """Teacher top-1 on its cached views, top-K mass and entropy (is K large enough?), per-class accuracy and
+    agreement, and DeiT's Table 4 for the runs: printed, and written as stats.json plus PNG plots."""
+    from pipeline import plots
+    from pipeline.cache import CacheError
+    from pipeline.stats import StatsError, compute, format_table
+
+    cache_path = cache_path_of(cache_path, manifest_path, overrides)
+    out = Path(out) if out else default_out(cache_path)
+    try:
+        result = compute(cache_path, list(runs))
+    except (CacheError, StatsError) as e:
+        raise click.ClickException(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats.json").write_text(json.dumps(result, indent=1) + "\n")
+    pngs = plots.save_all(result, out)
+    click.echo(format_table(result))
+    click.echo(f"\nwrote {out / 'stats.json'} and {', '.join(p.name for p in pngs.values())} in {out}")

@@ -1,0 +1,55 @@
+"""`distill verify-cache`: recompute the teacher on a random sample of cached views and compare."""
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.cli import manifest_options
+from pipeline import verify
+
+DEFAULTS = verify.Thresholds()
+
+
+@click.command("verify-cache")
+@manifest_options
+@click.option("--cache", "cache_path", default=None, help="Cache to verify (default: the manifest's cache.path).")
+@click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,
+              help="Share of each shard's cached views to recompute (at least one view per complete unit).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option("--max-digest-mismatches", type=click.IntRange(0), default=DEFAULTS.max_digest_mismatches,
+              show_default=True, help="Re-rendered views allowed to differ from the views the teacher saw.")
+@click.option("--max-top1-disagreement", type=click.FloatRange(0, 1), default=DEFAULTS.max_top1_disagreement,
+              show_default=True, help="Share of views whose recomputed top-1 may beat the cached one by more "
+                                      "than the logit tolerance.")
+@click.option("--logit-atol", type=click.FloatRange(0), default=DEFAULTS.logit_atol, show_default=True,
+              help="Absolute logit tolerance on top of float16 rounding (also for the logsumexp).")
+@click.option("--logit-rtol", type=click.FloatRange(0), default=DEFAULTS.logit_rtol, show_default=True,
+              help="Logit tolerance relative to the view's largest |logit|: covers a cache filled under CUDA "
+                   "bfloat16 autocast and checked on CPU (or another GPU, batch size, thread count).")
+@click.option("--scan/--no-scan", default=True, show_default=True,
+              help="First check every chunk of every complete unit: present, checksum intact.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the full report (every failing view) as JSON here.")
+def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_disagreement, logit_atol,
+                         logit_rtol, scan, json_path):
+    """Recompute the teacher on a random sample of the cache's complete units (train and val) and check
+    digests, top-K agreement, logit and logsumexp errors; exit 1 past the thresholds. Units not complete
+    yet are listed, not failed."""
+    from pipeline.cache import CacheError
+    from pipeline.manifest import ManifestError
+    from pipeline.reader import ShardError
+    from pipeline.teacher import TeacherError
+
+    thresholds = verify.Thresholds(max_digest_mismatches, max_top1_disagreement, logit_atol, logit_rtol)
+    try:
+        report = verify.verify_cache(m, cache_path or m.cache.path, sample, seed, thresholds, scan)
+    except (CacheError, ManifestError, ShardError, TeacherError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(verify.format_report(report))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    if not report.passed:
+        raise SystemExit(1)
+

@@ -1,0 +1,244 @@
+"""Faults during `teacher-cache`: SIGKILL at random moments, a full disk, a reader during the write, two
+writers on one cache, an epoch extension cut short. Each ends in a cache equal, array by array, to one
+written without trouble."""
+
+import asyncio
+import errno
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from zarr.storage import LocalStore
+
+import fault_script
+from pipeline import cache, lock
+from pipeline.manifest import load
+from pipeline.teacher_cache import run as fill_cache
+
+TINY = "manifests/tiny.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a few shared cores, more make the tiny teacher many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def overrides(work):
+    return fault_script.tiny_overrides(work)
+
+
+@pytest.fixture(scope="module")
+def reference(work, overrides):
+    """A cache written in one go, in this process."""
+    path = str(work / "reference")
+    fill_cache(load(TINY, overrides + [f"cache.path={path}"]), progress=False)
+    return path
+
+
+def _arrays(path) -> dict:
+    """Every array of a cache, read with zarr alone."""
+    root = zarr.open_group(path, mode="r")
+    return {f"{split}/{name}": arr[...] for split in ("train", "val") for name, arr in root[split].arrays()}
+
+
+def assert_same_cache(path, reference):
+    a, b = _arrays(path), _arrays(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+    assert (dict(zarr.open_group(path).attrs, created=None) == dict(zarr.open_group(reference).attrs, created=None))
+
+
+def _manifest(overrides, path, *extra):
+    return load(TINY, overrides + [f"cache.path={path}", *extra])
+
+
+# --------------------------------------------------------------------------------------------- SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_a_bit_identical_cache(work, overrides):
+    report = fault_script.run_faults(TINY, overrides, work / "kills", kills=5, seed=0)
+    assert report["kills"] == 5 and len(report["points"]) == 5
+    assert report["reader_checks"] > 0  # a reader polled the cache while it was being written
+    # independent of the driver's own comparison: every array, read with zarr alone
+    assert_same_cache(report["faulted"], report["reference"])
+
+
+# --------------------------------------------------------------------------------------------- disk full
+
+
+def _failing_store(monkeypatch, fail_at: int, keys: list):
+    """LocalStore.set raising ENOSPC on the `fail_at`-th chunk write (0-based), recording the chunk keys."""
+    original = LocalStore.set
+
+    async def set_or_fail(self, key, value):
+        if "/c/" in key:
+            keys.append(key)
+            if len(keys) == fail_at + 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", set_or_fail)
+
+
+def test_disk_full_during_a_unit_write_names_the_unit_and_the_run_resumes(tmp_path, overrides, reference,
+                                                                           monkeypatch):
+    path = str(tmp_path / "cache")
+    keys = []
+    # chunk writes per unit: val 5 + done, train epoch 0: 6 + done -> write 22 is the third of train (0, 1)
+    with monkeypatch.context() as patch:
+        _failing_store(patch, 22, keys)
+        with pytest.raises(cache.CacheError) as failure:
+            fill_cache(_manifest(overrides, path), progress=False)
+    failed = keys[-1]
+    epoch, group = map(int, re.match(r"train/\w+/c/(\d+)/(\d+)/", failed).groups())
+    assert re.search(rf"writing train unit \(epoch {epoch}, shard group {group}, shards \[{group}\]\) failed: "
+                     rf"\[Errno {errno.ENOSPC}\] No space left on device.* The unit is not marked complete and the "
+                     rf"units completed before it are kept: free space on the cache's filesystem \(or fix the store\) "
+                     rf"and resume `make teacher-cache`", str(failure.value))
+    root = cache.open_cache(path)
+    assert not cache.done_units(root, "train")[epoch, group]
+    assert cache.done_units(root, "val").all()  # written before the disk filled
+    assert not os.path.exists(path + ".locks")  # the lock was given back
+    fill_cache(_manifest(overrides, path), progress=False)  # space again: resume
+    assert_same_cache(path, reference)
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+
+def test_a_reader_during_the_write_sees_only_complete_units(tmp_path, overrides, reference, monkeypatch):
+    """The writer runs in a thread with every store write slowed down; the reader opens the cache afresh
+    again and again: each unit it sees done equals the reference, each unit not done is refused."""
+    path = str(tmp_path / "cache")
+    original = LocalStore.set
+
+    async def slow_set(self, key, value):
+        await asyncio.sleep(0.01)
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", slow_set)
+    expected = _arrays(reference)
+    writer = threading.Thread(target=fill_cache, args=(_manifest(overrides, path),), kwargs={"progress": False})
+    writer.start()
+    seen_done, refused, partial = set(), 0, 0
+    while writer.is_alive():
+        try:
+            root = cache.open_cache(path)
+        except cache.CacheError:
+            time.sleep(0.005)
+            continue  # not created yet
+        train_done = cache.done_units(root, "train")
+        for epoch, group in zip(*np.nonzero(train_done)):
+            slab = cache.read_slab(root, "train", int(epoch), int(group), ("topk_logits", "lse", "digest", "view"))
+            for name, values in slab.items():
+                assert np.array_equal(values, expected[f"train/{name}"][epoch, group]), (epoch, group, name)
+            seen_done.add((int(epoch), int(group)))
+        for epoch, group in zip(*np.nonzero(~train_done)):
+            chunk = root["train"]["topk_logits"]
+            has_data = os.path.exists(cache.chunk_location(root, chunk, (int(epoch), int(group), 0, 0)))
+            try:
+                cache.read_slab(root, "train", int(epoch), int(group))
+            except cache.CacheError as e:
+                assert "is not complete" in str(e)
+                refused += 1
+                partial += has_data  # data written, done flag not yet: the window a reader must not use
+            break
+    writer.join()
+    assert len(seen_done) >= 2 and refused >= 2 and partial >= 1
+    assert_same_cache(path, reference)
+
+
+# --------------------------------------------------------------------------------------------- two writers
+
+
+def test_two_writers_started_at_once_cannot_corrupt_the_cache(tmp_path, overrides, reference):
+    path = str(tmp_path / "cache")
+    launcher = fault_script.Launcher("fork", threads=1)
+    argv = fault_script._argv(TINY, overrides, path)
+    first, second = launcher.start(argv), launcher.start(argv)
+    codes = sorted([launcher.wait(first), launcher.wait(second)])
+    assert codes == [0, 1]  # one wrote the cache, the other stopped at the lock
+    assert_same_cache(path, reference)
+
+
+def _snapshot(path) -> dict:
+    return {p: open(os.path.join(d, p), "rb").read() for d, _, files in os.walk(path) for p in files}
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, overrides, reference):
+    path = tmp_path / "cache"
+    shutil.copytree(reference, path)
+    before = _snapshot(path)
+    with lock.writer_lock(str(path), 0, 1) as held:
+        with pytest.raises(lock.WriterLockError, match=re.escape(
+                f"cache {path} is already being written by rank 0 of 1: lock {held} (pid {os.getpid()} on host "
+                f"{socket.gethostname()}, since ") + r".*\)\. Two writers of the same units would corrupt it: wait for "
+                r"that run to finish \(it can be resumed later\), or, if no such process exists any more, delete "
+                + re.escape(str(held))):
+            fill_cache(_manifest(overrides, str(path), "cache.epochs=3"), progress=False)
+    assert _snapshot(path) == before  # the refused writer touched nothing
+    assert not (tmp_path / "cache.locks").exists()
+
+
+def test_a_writer_with_another_world_size_is_refused(tmp_path, overrides):
+    path = str(tmp_path / "cache")
+    with lock.writer_lock(path, 1, 2):
+        with pytest.raises(lock.WriterLockError, match=r"is being written by a run with world size 2: lock .*rank1-of-2"
+                                                       r"\.lock \(pid \d+ .*\)\. A run with world size 1 would write "
+                                                       r"the same units: use the same --world-size as that run"):
+            fill_cache(_manifest(overrides, path), progress=False)
+        with lock.writer_lock(path, 0, 2):  # the other rank of the same world: fine
+            pass
+    assert not os.path.exists(path)
+
+
+def test_a_stale_lock_is_reclaimed_on_this_host_and_named_on_another(tmp_path, overrides, reference):
+    path = tmp_path / "cache"
+    shutil.copytree(reference, path)
+    locks = tmp_path / "cache.locks"
+    locks.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid runs no more
+    stale = locks / "rank0-of-1.lock"
+    stale.write_text(f'{{"pid": {dead.pid}, "host": "{socket.gethostname()}", "started": "then", "token": "x"}}')
+    assert fill_cache(_manifest(overrides, str(path)), progress=False)["units_skipped"] > 0
+    assert not locks.exists()  # reclaimed, then given back
+    locks.mkdir()
+    stale.write_text('{"pid": 1, "host": "elsewhere", "started": "then", "token": "y"}')
+    with pytest.raises(lock.WriterLockError, match=re.escape(f"lock {stale} (pid 1 on host elsewhere, since then)") +
+                       r".*if no such process exists any more, delete " + re.escape(str(stale))):
+        fill_cache(_manifest(overrides, str(path)), progress=False)
+
+
+# --------------------------------------------------------------------------------------------- growing a cache
+
+
+def test_an_extension_cut_short_while_growing_the_arrays_resumes(tmp_path, overrides, reference):
+    """More cache epochs grow every train array; a run killed after growing some of them must grow the rest."""
+    path = str(tmp_path / "cache")
+    fill_cache(_manifest(overrides, path, "cache.epochs=1"), progress=False)
+    root = zarr.open_group(path, mode="r+")
+    root["train"]["done"].resize((2,) + root["train"]["done"].shape[1:])  # the kill came after this one array
+    root["train"]["lse"].resize((2,) + root["train"]["lse"].shape[1:])
+    fill_cache(_manifest(overrides, path, "cache.epochs=2"), progress=False)
+    assert_same_cache(path, reference)

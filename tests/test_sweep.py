@@ -1,0 +1,230 @@
+"""Sweeps: strict sweep files, run names, checks before anything runs, and (as subprocesses) two sweeps on one
+cache at once, a sweep killed half-way that finishes only its missing runs when re-run, and a failing run."""
+
+import csv
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.manifest import to_dict
+from pipeline.sweep import SweepError, expand, load_sweep, plan, run_name, sweep
+from test_student_data import tiny_cache  # noqa: F401  (the shared tiny cache fixture)
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SWEEP = REPO / "manifests" / "sweeps" / "tiny.yaml"
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _common(tiny_cache):
+    return [o for o in tiny_cache.manifest_overrides() if not o.startswith("student.run_dir")]
+
+
+# --------------------------------------------------------------------------------------------- the sweep file
+
+
+def test_shipped_sweeps_expand_to_named_runs():
+    demo = load_sweep(REPO / "manifests" / "sweeps" / "demo.yaml")
+    names = [run_name(o) for o in expand(demo)]
+    assert names == ["distillation=soft,alpha=0.5", "distillation=soft,alpha=0.9", "distillation=hard,alpha=0.5",
+                     "distillation=hard,alpha=0.9", "distillation=none"]
+    runs = plan(REPO / "manifests" / "demo.yaml", demo, Path("runs/sweeps/demo"))
+    assert [r.manifest.student.distillation for r in runs] == ["soft", "soft", "hard", "hard", "none"]
+    assert runs[3].manifest.student.alpha == 0.9 and runs[3].manifest.student.epochs == 4
+    assert runs[3].manifest.student.run_dir == "runs/sweeps/demo/distillation=hard,alpha=0.9"
+    # a --set of every run beats the sweep's base, but not a run's own override
+    runs = plan(REPO / "manifests" / "demo.yaml", demo, Path("x"), ("student.epochs=1", "student.alpha=0.1"))
+    assert [(r.manifest.student.epochs, r.manifest.student.alpha) for r in runs] == \
+        [(1, 0.5), (1, 0.9), (1, 0.5), (1, 0.9), (1, 0.1)]
+    tiny = load_sweep(TINY_SWEEP)
+    assert tiny.name == "tiny" and len(expand(tiny)) == 3
+
+
+def test_run_names():
+    assert run_name({"student.optim.lr": 0.001, "student.sched.warmup_epochs": 2}) == "lr=0.001,warmup_epochs=2"
+    assert run_name({"student.optim.name": "adamw", "student.model": "x/y"}) == "name=adamw,model=x_y"
+    assert run_name({"student.optim.lr": 0.1, "student.sched.lr": 0.2}) == "optim.lr=0.1,sched.lr=0.2"
+    assert run_name({"student.model_args": {"embed_dim": 32, "depth": 2}, "student.ema": None}) == \
+        "model_args.embed_dim=32,model_args.depth=2,ema=null"
+    assert run_name({}) == "base"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grid: {student.alpha: [0.1]}\nbogus: 1\n",
+     r"unknown key 'bogus': valid keys are \['name', 'base', 'grid', 'runs'\]"),
+    ("grid: {cache.top_k: [5]}\n", r"grid: key 'cache.top_k' is not a student.\* key. A sweep varies the student only"),
+    ("runs: [{student.run_dir: x}]\n", r"runs\[0\]: student.run_dir is set by the sweep"),
+    ("grid: {student.alpha: []}\n", r"grid.student.alpha must be a non-empty list of values"),
+    ("grid: {student.alpha: 0.5}\n", r"grid.student.alpha must be a non-empty list of values, got 0.5"),
+    ("name: sweep\n", r"no runs: give a grid \(key: \[values\]\) and/or runs"),
+    ("name: a/b\nruns: [{}]\n", r"name 'a/b' must be a plain directory name"),
+    ("runs: {student.alpha: 1}\n", r"runs must be a list of mappings of overrides"),
+    ("runs: [[1]]\n", r"runs\[0\]: expected a mapping of student.\* keys to values"),
+    ("grid: [1\n", r"not valid YAML"),
+])
+def test_malformed_sweep_files_are_refused(tmp_path, text, message):
+    with pytest.raises(SweepError, match=message):
+        load_sweep(_write(tmp_path / "s.yaml", text))
+
+
+def test_missing_sweep_file(tmp_path):
+    with pytest.raises(SweepError, match=r"sweep file .*nope.yaml does not exist: pass --sweep with a YAML file"):
+        load_sweep(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grid: {student.alpha: [0.5, 2.0]}\n",
+     r"sweep s, run alpha=2.0: .*student.alpha=2.0 must lie in \[0, 1\]"),
+    ("runs: [{student.alpah: 0.5}]\n", r"sweep s, run alpah=0.5: .*unknown key student.alpah: valid keys here are"),
+    ("runs: [{student.distillation: soft}, {student.distillation: soft}]\n",
+     r"runs 0 and 1 have the same overrides \(distillation=soft\): remove one"),
+])
+def test_wrong_overrides_stop_the_sweep_before_anything_runs(tmp_path, text, message):
+    with pytest.raises(SweepError, match=message):
+        sweep("manifests/tiny.yaml", _write(tmp_path / "s.yaml", text), sweep_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _finished(run, config, fingerprint):
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "result.json").write_text(json.dumps({"cache_fingerprint": fingerprint, "config": config}))
+
+
+def test_finished_runs_must_match_the_sweep(tiny_cache, tmp_path):
+    spec = load_sweep(TINY_SWEEP)
+    run = plan("manifests/tiny.yaml", spec, tmp_path / "a", tuple(_common(tiny_cache)))[0]
+    config = to_dict(run.manifest)
+    config["student"]["alpha"] = 0.25
+    _finished(run, config, tiny_cache.open().attrs["fingerprint"])
+    with pytest.raises(SweepError, match=r"distillation=soft finished with student.alpha=0.25, but the sweep now "
+                                         r"asks for 0.5: remove the run directory to retrain it"):
+        sweep("manifests/tiny.yaml", TINY_SWEEP, sweep_dir=tmp_path / "a", common=tuple(_common(tiny_cache)))
+    run = plan("manifests/tiny.yaml", spec, tmp_path / "b", tuple(_common(tiny_cache)))[0]
+    _finished(run, to_dict(run.manifest), "0123456789abcdef")
+    with pytest.raises(SweepError, match=r"finished from a cache with fingerprint 0123456789abcdef, not [0-9a-f]{16}"):
+        sweep("manifests/tiny.yaml", TINY_SWEEP, sweep_dir=tmp_path / "b", common=tuple(_common(tiny_cache)))
+    with pytest.raises(SweepError, match=r"--jobs 0 must be at least 1"):
+        sweep("manifests/tiny.yaml", TINY_SWEEP, jobs=0)
+
+
+def test_a_run_another_process_trains_is_skipped_and_reported(tiny_cache, tmp_path):
+    one = _write(tmp_path / "one.yaml", "runs: [{student.seed: 3}]\n")
+    run_dir = tmp_path / "out" / "seed=3"
+    run_dir.mkdir(parents=True)
+    fd = os.open(run_dir / "sweep.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a trainer of another sweep would
+    lines = []
+    try:
+        with pytest.raises(SweepError, match=r"sweep one: 1 of 1 runs did not finish: seed=3 \(busy: another process "
+                                             r"is training it, log .*train.log\)\. Re-run the sweep to retry them"):
+            sweep("manifests/tiny.yaml", one, sweep_dir=tmp_path / "out", common=tuple(_common(tiny_cache)),
+                  echo=lines.append)
+    finally:
+        os.close(fd)
+    assert "  seed=3: another process is training it; skipped" in lines
+    assert "| seed=3 | busy: another process is training it |" in lines[-1]
+    assert not (run_dir / "train.log").exists()
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def _start(tiny_cache, sweep_file, out, *extra):
+    args = ["--manifest", "manifests/tiny.yaml", "--sweep", str(sweep_file), "--out", str(out), *extra]
+    for override in _common(tiny_cache):
+        args += ["--set", override]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", "from stages.sweep import sweep; sweep()", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, seconds, what):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _lock_is_free(run_dir):
+    if not (run_dir / "sweep.lock").exists():
+        return True
+    fd = os.open(run_dir / "sweep.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_two_sweeps_share_the_cache_and_a_killed_sweep_finishes_only_missing_runs(tiny_cache, tmp_path):
+    first = tmp_path / "tiny"
+    other = _write(tmp_path / "other.yaml", "name: other\nbase: {student.epochs: 1, student.verify_sample: 0.0}\n"
+                                            "runs: [{student.seed: 1}]\n")
+    killed = _start(tiny_cache, TINY_SWEEP, first)
+    beside = _start(tiny_cache, other, tmp_path / "other", "--jobs", "2")
+    done_first = first / "distillation=soft" / "result.json"
+    _wait_for(lambda: done_first.exists() or killed.poll() is not None, 180, "the first run's result")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
+    # the trainer of the run under way died with the sweep: nothing holds its lock any more
+    _wait_for(lambda: _lock_is_free(first / "distillation=hard"), 10, "the killed sweep's trainer to die")
+    assert not (first / "distillation=hard" / "result.json").exists()
+    assert not (first / "distillation=none").exists()
+
+    output, _ = beside.communicate(timeout=180)
+    assert beside.returncode == 0, output
+    assert (tmp_path / "other" / "seed=1" / "result.json").is_file()
+
+    before = {p.name: p.stat().st_mtime_ns for p in done_first.parent.iterdir()}
+    rerun = _start(tiny_cache, TINY_SWEEP, first)
+    output, _ = rerun.communicate(timeout=180)
+    assert rerun.returncode == 0, output
+    assert "3 runs in" in output and "1 finished already, 2 to train" in output
+    assert "distillation=soft: training" not in output
+    assert {p.name: p.stat().st_mtime_ns for p in done_first.parent.iterdir()} == before
+    results = {name: json.loads((first / name / "result.json").read_text())
+               for name in ("distillation=soft", "distillation=hard", "distillation=none")}
+    assert {r["config"]["student"]["distillation"] for r in results.values()} == {"soft", "hard", "none"}
+    with open(first / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["status"] for row in rows] == ["done"] * 3
+    assert {row["run"]: row["student.distillation"] for row in rows} == \
+        {name: r["config"]["student"]["distillation"] for name, r in results.items()}
+    joint = [float(row["top1_joint"]) for row in rows]
+    assert joint == sorted(joint, reverse=True)
+    assert {row["run"]: float(row["top1_joint"]) for row in rows} == \
+        {name: r["top1_joint"] for name, r in results.items()}
+    summary = (first / "summary.md").read_text()
+    assert summary.count("| done |") == 3 and summary in output
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_reported_with_its_log(tiny_cache, tmp_path):
+    broken = _write(tmp_path / "broken.yaml", "base: {student.epochs: 1, student.verify_sample: 0.0}\n"
+                                              "runs: [{student.model: vit_tiny_patch16_224}]\n")
+    proc = _start(tiny_cache, broken, tmp_path / "out")
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1
+    log = tmp_path / "out" / "model=vit_tiny_patch16_224" / "train.log"
+    assert re.search(r"sweep broken: 1 of 1 runs did not finish: model=vit_tiny_patch16_224 \(failed \(exit 1\), "
+                     r"log .*train.log\)\. Re-run the sweep to retry them", output), output
+    assert "| failed (exit 1) |" in output
+    assert "has no distillation head" in log.read_text()
