@@ -28,7 +28,6 @@ import cProfile
 import dataclasses
 import functools
 import importlib.metadata
-import io
 import json
 import os
 import platform
@@ -657,22 +656,22 @@ def model_steps(m: Manifest, s: Settings, device: torch.device) -> dict[str, Cal
             "teacher_forward_s": per_image(lambda: teacher_cache.forward(teacher, teacher_u8, device))}
 
 
-def _loop_rate(run_dir: Path, batch_size: int) -> float:
-    """images/s over a run's logged steps, the first (warm-up) step left out."""
+def _loop_rate(run_dir: Path) -> float:
+    """The median of a run's logged per-step images/s, the first (warm-up) step left out: a step that a
+    neighbouring process slowed down does not move it."""
     rates = [json.loads(line)["images_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "step"][1:]
     if not rates:
         raise RuntimeError(f"{run_dir}: the bench's student run logged fewer than two steps; give it more data")
-    return len(rates) * batch_size / sum(batch_size / r for r in rates)
+    return statistics.median(rates)
 
 
 def student(work: Path, m: Manifest, s: Settings) -> dict:
     """The training loop (`pipeline.train.train`) three ways, each in a fresh run directory: from the cache
     (the manifest's distillation mode), with no distillation (mode `none`, same data path: the floor), and
     with the teacher online on the same views; interleaved with the student step and the teacher forward
-    on pre-made batches, so the ideal speedup (t_s + t_t) / t_s comes from the same moments.
-
-    Ratios are medians of the per-repetition ratios (each repetition's runs are neighbours in time)."""
+    on pre-made batches, so the ideal speedup (t_s + t_t) / t_s comes from the same moments. Ratios are
+    ratios of the medians over the repetitions."""
     from pipeline.train import train
 
     device = teacher_cache.pick_device(m.student.device)
@@ -687,20 +686,17 @@ def student(work: Path, m: Manifest, s: Settings) -> dict:
             run_dir = work / "runs" / f"{mode}-{next(counter)}"
             spec = replace(m, student=replace(m.student, distillation=distillation, run_dir=str(run_dir)))
             train(spec, World(0, 1, None), answers=answers, progress=False)
-            return _loop_rate(run_dir, m.student.batch_size)
+            return _loop_rate(run_dir)
         return measure
 
     runs = interleave({mode: loop(mode) for mode in modes} | model_steps(m, s, device), s.reps)
-    per_rep = [dict(zip(runs, values)) for values in zip(*runs.values())]
-    floor = [r["cached"] / r["no_distillation"] for r in per_rep]
-    speedup = [r["cached"] / r["online"] for r in per_rep]
-    ideal = [1.0 + r["teacher_forward_s"] * r["cached"] for r in per_rep]  # (t_s + t_t) / t_s, t_s = 1 / rate
-    cost = [r["teacher_forward_s"] / r["student_step_s"] for r in per_rep]
+    med = {name: statistics.median(values) for name, values in runs.items()}
+    speedup = med["cached"] / med["online"]
+    ideal = 1.0 + med["teacher_forward_s"] * med["cached"]  # (t_s + t_t) / t_s with t_s = 1 / cached rate
     return {name: summary(values) for name, values in runs.items()} | {
-        "cached_vs_floor": statistics.median(floor),
-        "online_speedup": statistics.median(speedup), "ideal_speedup": statistics.median(ideal),
-        "share_of_ideal": statistics.median(sp / i for sp, i in zip(speedup, ideal)),
-        "teacher_to_student": statistics.median(cost),
+        "cached_vs_floor": med["cached"] / med["no_distillation"],
+        "online_speedup": speedup, "ideal_speedup": ideal, "share_of_ideal": speedup / ideal,
+        "teacher_to_student": med["teacher_forward_s"] / med["student_step_s"],
         "distillation": m.student.distillation, "batch_size": m.student.batch_size, "device": str(device),
         "workers": m.student.workers,
         "student": {"model": m.student.model, "model_args": m.student.model_args, "img_size": m.student.img_size,
@@ -745,10 +741,12 @@ def run(out: str | Path, quick: bool = False, markdown: str | Path | None = None
         "cache_stage": lambda: cache_stage(work, m, settings),
         "student": lambda: student(work, m, settings),
     }
-    needs = {"cache_read": "storage", "student": "cache_stage"}  # they read what those wrote
+    # what a section reads, when the section that writes it is not chosen
+    needs = {"cache_read": ("storage", steps["storage"]),
+             "student": ("cache_stage", lambda: teacher_cache.run(m, progress=False))}
     for name in chosen:
-        if name in needs and needs[name] not in chosen:
-            steps[needs[name]]()
+        if name in needs and needs[name][0] not in chosen:
+            needs[name][1]()
         start = time.perf_counter()
         results["sections"][name] = steps[name]()
         results["seconds"][name] = round(time.perf_counter() - start, 1)
@@ -860,8 +858,8 @@ def _student_md(st: dict) -> list[str]:
              f"repetitions: student train step {_num(st['student_step_s']['median'] * 1e3)} ms/image, teacher forward "
              f"{_num(st['teacher_forward_s']['median'] * 1e3)} ms/image: a teacher forward costs "
              f"{_num(st['teacher_to_student'])} student steps (RegNetY-16GF vs DeiT-Ti: about 4). Loop rates are "
-             f"images/s of `pipeline.train.train` over its logged steps, warm-up step left out; ratios are medians of "
-             f"the per-repetition ratios.", ""]
+             f"the median per-step images/s of `pipeline.train.train` (warm-up step left out), then the median over "
+             f"the repetitions; ratios are ratios of those medians.", ""]
             + _table(["loop", "images/s", "vs floor", "interpretation"], rows))
 
 

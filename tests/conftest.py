@@ -3,6 +3,7 @@
 import pytest
 
 from pipeline.shards import write_digits
+from tiny import TinyCache
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +15,9 @@ def digits_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     write_digits(out, shard_size=100)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """manifests/tiny.yaml with its shards, teacher and a filled cache (tests/tiny.py); treat it as read-only."""
+    return TinyCache(tmp_path_factory.mktemp("tiny"))

@@ -154,17 +154,15 @@ def test_phase_timer_charges_each_phase_and_restores_the_functions():
     assert 0.03 <= timer.seconds["read"] < 0.03 + 0.05
 
 
-def test_loop_rate_is_images_over_time_without_the_first_step(tmp_path):
-    rates = [5.0, 100.0, 50.0, 25.0]
+def test_loop_rate_is_the_median_step_rate_without_the_first_step(tmp_path):
+    rates = [5.0, 100.0, 50.0, 25.0, 1000.0]
     lines = [json.dumps({"event": "step", "step": i + 1, "images_per_s": r}) for i, r in enumerate(rates)]
     lines.insert(2, json.dumps({"event": "eval", "step": 2, "epoch": 0}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    batch = 8
-    seconds = sum(batch / r for r in rates[1:])
-    assert bench._loop_rate(tmp_path, batch) == pytest.approx(3 * batch / seconds)
+    assert bench._loop_rate(tmp_path) == (50.0 + 100.0) / 2
     (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n")
     with pytest.raises(RuntimeError, match="fewer than two steps"):
-        bench._loop_rate(tmp_path, batch)
+        bench._loop_rate(tmp_path)
 
 
 def test_unknown_section_is_refused_with_the_valid_ones(tmp_path):

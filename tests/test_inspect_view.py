@@ -15,7 +15,7 @@ from pipeline import views
 from pipeline.reader import read_shard
 from pipeline.shards import load_shardlist
 from stages.inspect_view import inspect_view
-from test_student_data import BAD, tiny_cache  # noqa: F401  (the shared tiny cache fixture)
+from tiny import BAD
 
 torch.set_num_threads(1)
 

@@ -21,7 +21,6 @@ from pipeline import cache, plots, views
 from pipeline.stats import HEADS, StatsError, compute, format_table
 from pipeline.train import train
 from stages.stats import stats as stats_command
-from test_student_data import tiny_cache  # noqa: F401  (the shared tiny cache fixture)
 
 torch.set_num_threads(1)
 

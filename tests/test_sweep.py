@@ -17,7 +17,6 @@ import torch
 
 from pipeline.manifest import to_dict
 from pipeline.sweep import SweepError, expand, load_sweep, plan, run_name, sweep
-from test_student_data import tiny_cache  # noqa: F401  (the shared tiny cache fixture)
 
 torch.set_num_threads(1)
 

@@ -25,7 +25,6 @@ from pipeline.student import create_student, heads
 from pipeline.teacher import load_teacher, normalize
 from pipeline.train import METRICS, RESULT, NonFiniteLossError, cached_answers, train
 from stages.train_student import train_student
-from test_student_data import tiny_cache  # noqa: F401  (the shared tiny cache fixture)
 
 torch.set_num_threads(1)  # two busy cores: a second intra-op thread only spins
 
