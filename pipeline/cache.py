@@ -18,9 +18,10 @@ data on concurrent partial writes of one chunk (zarr-python issue #3682). A unit
 chunk of its own and is written only after the unit's data chunks are written and fsynced; readers trust
 only done units, and a restart redoes every unit that is not done. Every chunk carries a crc32c checksum.
 
-Reads go through `read_slab`, `read_labels` and `done_units`, which never hand out fill values or garbage:
-a done unit whose chunk is missing, or a chunk whose checksum fails, raises CacheError naming the array, the
-chunk, the unit and the fix. Units are written with `write_empty_chunks`, so every done unit has every chunk.
+Reads go through `read_slab` (`SlabReader` for many shards), `read_labels` and `done_units`, which never hand
+out fill values or garbage: a done unit whose chunk is missing, or a chunk whose checksum fails, raises
+CacheError naming the array, the chunk, the unit and the fix. Units are written with `write_empty_chunks`, so
+every done unit has every chunk.
 """
 
 from __future__ import annotations
@@ -273,21 +274,95 @@ def _require_done(root, split, done: zarr.Array, layout: CacheLayout, epoch: int
         )
 
 
+SLAB_FIELDS = ("topk_logits", "topk_ids", "lse", "digest", "view")
+
+
+class SlabReader:
+    """Shards' cached answers ([P, ...] per field) from one split, for a reader of many shards (the student's
+    data path): the arrays are opened once, each unit's done flag and chunks are checked once, and the chunks
+    of the unit read last stay decoded, so consecutive shards of one unit decode them once (a chunk holds all
+    `shards_per_unit` shards of its unit). Refuses what `read_slab` refuses, with the same errors in the same
+    order: units that are not done, done units whose chunks are missing, chunks that fail their checksum.
+
+    A unit's checks and decoding go to the store together, in one round trip, the codecs running side by side;
+    what comes back is judged in read_slab's order, so nothing read from a unit that is not done or not whole is
+    handed out. A unit seen done stays trusted for the reader's life (units are never undone while a cache is
+    read); one not done is looked up again on the next read."""
+
+    def __init__(self, root: zarr.Group, split: str):
+        self.root, self.split = root, split
+        self.arrays = dict(root[split].arrays())
+        self.layout = layout_of(root, split)
+        self._done: set[tuple[int | None, int]] = set()
+        self._present: set[tuple[str, tuple[int, ...]]] = set()  # chunks (name, coords) seen in the store
+        self._unit: tuple[int | None, int] | None = None  # the (epoch, group) whose chunks `_decoded` holds
+        self._decoded: dict[str, np.ndarray] = {}  # field -> [shards of the unit, P, ...]
+
+    def read(self, epoch: int | None, shard: int, fields: tuple[str, ...] = SLAB_FIELDS) -> dict[str, np.ndarray]:
+        """One shard's slab: `read_slab(root, split, epoch, shard, fields)`."""
+        group = shard // self.layout.shards_per_unit
+        fields = tuple(name for name in fields if name in self.arrays)
+        unit = self._load(epoch, group, fields)
+        row = shard - self.layout.group_shards(group).start
+        return {name: unit[name][row].copy() for name in fields}
+
+    def _load(self, epoch: int | None, group: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The unit's chunks of `fields` ([shards of the unit, P, ...] each), checked first."""
+        if self._unit != (epoch, group):
+            self._unit, self._decoded = (epoch, group), {}
+        shards = self.layout.group_shards(group)
+        rows = slice(shards.start, shards.stop)
+        todo = {name: rows if (epoch is None or name == "labels") else (epoch, rows)
+                for name in fields if name not in self._decoded}
+        check_done = (epoch, group) not in self._done
+        unseen = [chunk for chunk in unit_chunks(self.arrays, epoch, group, fields) if chunk not in self._present]
+
+        async def fetch():
+            done = self.arrays["done"].async_array
+            return await asyncio.gather(
+                *([done.getitem((group,) if epoch is None else (epoch, group))] if check_done else []),
+                *(self.root.store.exists(_chunk_key(self.arrays[name], coords)) for name, coords in unseen),
+                *(self.arrays[name].async_array.getitem(at) for name, at in todo.items()),
+                return_exceptions=True)
+
+        results = sync(fetch()) if check_done or unseen or todo else []
+        if check_done:
+            flag = results.pop(0)
+            if isinstance(flag, BaseException) or flag != 1:  # read it again: names a bad flag chunk, or not done
+                _require_done(self.root, self.split, self.arrays["done"], self.layout, epoch, group)
+            self._done.add((epoch, group))
+        self._check_present(epoch, group, unseen, results[:len(unseen)])
+        if "labels" in fields and epoch not in (None, 0):  # train labels come from the epoch-0 unit
+            if (0, group) not in self._done:
+                _require_done(self.root, self.split, self.arrays["done"], self.layout, 0, group)
+                self._done.add((0, group))
+            labels = [chunk for chunk in unit_chunks(self.arrays, 0, group, ("labels",)) if chunk not in self._present]
+            if labels:
+                self._check_present(0, group, labels, sync(_exist(self.root, self.arrays, labels)))
+        decoded = results[len(unseen):]
+        if any(isinstance(value, BaseException) for value in decoded):
+            # a chunk that does not decode: read field by field, so the first bad one is named
+            decoded = [_read(self.root, self.split, self.arrays[name], at) for name, at in todo.items()]
+        self._decoded.update(zip(todo, decoded))
+        return self._decoded
+
+    def _check_present(self, epoch: int | None, group: int, chunks: list, present: list) -> None:
+        """A done unit's chunks must exist: zarr would read a missing chunk as its fill value (zeros)."""
+        for answer in present:
+            if isinstance(answer, BaseException):
+                raise answer
+        missing = [chunk for chunk, there in zip(chunks, present) if not there]
+        if missing:
+            raise missing_chunk_error(self.root, self.split, self.arrays, self.layout, epoch, group, *missing[0])
+        self._present.update(chunks)
+
+
 def read_slab(root: zarr.Group, split: str, epoch: int | None, shard: int,
-              fields: tuple[str, ...] = ("topk_logits", "topk_ids", "lse", "digest", "view")) -> dict[str, np.ndarray]:
+              fields: tuple[str, ...] = SLAB_FIELDS) -> dict[str, np.ndarray]:
     """One contiguous read of a shard's cached answers ([P, ...] per field). Refuses units that are not done,
-    and done units whose chunks are missing or fail their checksum."""
-    arrays = dict(root[split].arrays())
-    layout = layout_of(root, split)
-    group = shard // layout.shards_per_unit
-    _require_done(root, split, arrays["done"], layout, epoch, group)
-    fields = tuple(name for name in fields if name in arrays)
-    _require_chunks(root, split, arrays, layout, epoch, group, fields)
-    if "labels" in fields and epoch not in (None, 0):  # train labels come from the epoch-0 unit
-        _require_done(root, split, arrays["done"], layout, 0, group)
-        _require_chunks(root, split, arrays, layout, 0, group, ("labels",))
-    return {name: _read(root, split, arrays[name], shard if (epoch is None or name == "labels") else (epoch, shard))
-            for name in fields}
+    and done units whose chunks are missing or fail their checksum. Readers of many shards keep a
+    `SlabReader` instead."""
+    return SlabReader(root, split).read(epoch, shard, fields)
 
 
 def read_labels(root: zarr.Group, split: str, damaged: list[str] | None = None) -> np.ndarray:
@@ -347,13 +422,14 @@ def _repair_hint(root: zarr.Group, split: str, done: zarr.Array, epoch: int | No
             f"`make teacher-cache` to recompute the unit")
 
 
+async def _exist(root: zarr.Group, arrays: dict[str, zarr.Array], chunks: list[tuple[str, tuple[int, ...]]]) -> list:
+    return await asyncio.gather(*(root.store.exists(_chunk_key(arrays[n], c)) for n, c in chunks))
+
+
 def missing_chunks(root: zarr.Group, arrays: dict[str, zarr.Array],
                    chunks: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
     """The chunks of `chunks` absent from the store (checked concurrently, in one round trip)."""
-    async def exist():
-        return await asyncio.gather(*(root.store.exists(_chunk_key(arrays[n], c)) for n, c in chunks))
-
-    return [chunk for chunk, present in zip(chunks, sync(exist())) if not present]
+    return [chunk for chunk, present in zip(chunks, sync(_exist(root, arrays, chunks))) if not present]
 
 
 def missing_chunk_error(root: zarr.Group, split: str, arrays: dict[str, zarr.Array], layout: CacheLayout,

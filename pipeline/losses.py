@@ -91,11 +91,21 @@ def teacher_argmax(topk_ids: torch.Tensor) -> torch.Tensor:
     return topk_ids[:, 0].long()
 
 
-def _ground_truth_part(dist_logits, target, cached, tau):
-    return soft_target_cross_entropy(dist_logits, target)
+def ground_truth_cross_entropy(logits, target, labelled=None):
+    """Soft-target cross-entropy on the ground truth, averaged over the labelled views only (`labelled` [B]
+    bool; None = all). A batch without a labelled view contributes 0."""
+    if labelled is None:
+        return soft_target_cross_entropy(logits, target)
+    per_view = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1)
+    weight = labelled.to(per_view.dtype)
+    return (per_view * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def _soft_part(dist_logits, target, cached, tau):
+def _ground_truth_part(dist_logits, target, cached, tau, labelled):
+    return ground_truth_cross_entropy(dist_logits, target, labelled)
+
+
+def _soft_part(dist_logits, target, cached, tau, labelled):
     """KL(teacher || student) at temperature tau, with DeiT's reduction.
 
     DeiT sums the KL over batch and classes and divides by `dist_logits.numel()` = B * C, i.e. the usual
@@ -109,13 +119,15 @@ def _soft_part(dist_logits, target, cached, tau):
     return F.kl_div(student, teacher, reduction="sum", log_target=True) * (tau * tau) / dist_logits.numel()
 
 
-def _hard_part(dist_logits, target, cached, tau):
+def _hard_part(dist_logits, target, cached, tau, labelled):
     return F.cross_entropy(dist_logits, teacher_argmax(cached["topk_ids"]))
 
 
-DistillationPart = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], float], torch.Tensor]
+DistillationPart = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], float, torch.Tensor | None],
+                            torch.Tensor]
 
-# What the distillation head learns, per mode: signature (dist_logits, target, cached, tau) -> scalar.
+# What the distillation head learns, per mode: signature (dist_logits, target, cached, tau, labelled) -> scalar;
+# the teacher answers every view, so only the ground-truth part looks at `labelled`.
 DISTILLATION_PARTS: dict[str, DistillationPart] = {
     "none": _ground_truth_part,
     "soft": _soft_part,
@@ -133,6 +145,7 @@ def deit_loss(
     mode: str,
     alpha: float,
     tau: float,
+    labelled: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """DeiT's distillation loss on the two heads; returns the named parts `loss`, `base`, `distill`.
 
@@ -142,6 +155,8 @@ def deit_loss(
     `loss = (1 - alpha) * base + alpha * distill` as in DeiT. For "none" the student keeps both heads (one
     model for every mode, evaluated the same way) and the distillation head also learns the ground truth:
     `distill` is its soft-target cross-entropy and `loss = (base + distill) / 2`, whatever alpha is.
+    `labelled` [B] bool marks the views whose ground truth may be used (a smaller labelled split): the
+    ground-truth terms average over those alone, the teacher's terms over every view.
     """
     if mode not in DISTILLATION_PARTS:
         raise ValueError(f"unknown distillation mode {mode!r}; valid modes: {', '.join(DISTILLATION_MODES)}")
@@ -154,7 +169,7 @@ def deit_loss(
                 f"distillation mode {mode!r} needs the cached teacher answers {', '.join(CACHED_FIELDS)} "
                 f"but the batch lacks {', '.join(absent)}; attach them in the student loader or use mode 'none'"
             )
-    base = soft_target_cross_entropy(class_logits, target)
-    distill = DISTILLATION_PARTS[mode](dist_logits, target, cached, tau)
+    base = ground_truth_cross_entropy(class_logits, target, labelled)
+    distill = DISTILLATION_PARTS[mode](dist_logits, target, cached, tau, labelled)
     weight = 0.5 if mode == "none" else alpha
     return {"loss": (1.0 - weight) * base + weight * distill, "base": base, "distill": distill}

@@ -156,7 +156,9 @@ class StudentCfg:
     drop_path: float = 0.1
     ema: float | None = None
     seed: int = 0
-    train_shards: int | None = None  # train on the first N train shards only (a smaller labelled split); None = all
+    # a smaller labelled split: only the first N train shards' labels are used (None = all); the other shards'
+    # views train the distillation head on the teacher's answers alone
+    labelled_shards: int | None = None
     workers: int = 0
     shuffle_buffer: int = 512
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -323,17 +325,23 @@ def from_dict(data: dict, overrides: list[dict] | tuple = ()) -> Manifest:
     return _build(Manifest, data, "").check()
 
 
-def load(path: str | Path, overrides: list[str] | tuple = ()) -> Manifest:
-    """Load a manifest file strictly, apply `key.path=value` overrides, run the cross-field checks."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, error: type[Exception], what: str, keys: list[str]) -> dict:
+    """A YAML file whose top level is a mapping; `error` names the file and the fix otherwise."""
     if not path.is_file():
-        raise ManifestError(f"manifest {path} does not exist: pass --manifest with a YAML file (see manifests/)")
+        raise error(f"{what} {path} does not exist: pass a YAML file (see manifests/)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ManifestError(f"{path}: not valid YAML: {e}") from e
+        raise error(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ManifestError(f"{path}: the top level must be a mapping of sections {[f.name for f in dataclasses.fields(Manifest)]}")
+        raise error(f"{path}: the top level must be a mapping with keys {keys}")
+    return data
+
+
+def load(path: str | Path, overrides: list[str] | tuple = ()) -> Manifest:
+    """Load a manifest file strictly, apply `key.path=value` overrides, run the cross-field checks."""
+    path = Path(path)
+    data = read_yaml_mapping(path, ManifestError, "manifest", [f.name for f in dataclasses.fields(Manifest)])
     try:
         return from_dict(data, [parse_override(o) for o in overrides])
     except ManifestError as e:

@@ -2,10 +2,11 @@
 
 Per student epoch `e` (cache epoch `e % E`), `reader.plan_epoch` lays the train shards out in a seeded
 order and cuts them, at mix-window boundaries, into equal runs per rank and contiguous runs per loader
-worker. A worker reads each shard's cached slab once (`cache.read_slab`), walks its positions window by
-window (so a view's mix partner is always decoded), re-renders every view from its stored parameters with
-`views.render` at the student's resolution, and attaches the teacher's top-K logits, ids and logsumexp,
-the label, the partner's label and lambda. No random number is drawn on that path.
+worker. A worker reads each shard's cached slab once (`cache.SlabReader`), walks its positions window by
+window (so a view's mix partner is always decoded), re-renders every view from its stored parameters at the
+student's resolution (`views.ShardViews`: each unmixed view once, then the mix), and attaches the teacher's
+top-K logits, ids and logsumexp, the label, the partner's label and lambda. No random number is drawn on that
+path.
 
 The shuffle buffer after it is decided on item indices before anything is rendered
 (`shuffle_buffer_order`), so a worker knows which batch each view lands in. That makes the data position
@@ -17,7 +18,6 @@ batches: the smallest count any rank reaches in any epoch, so DDP never waits on
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -263,13 +263,10 @@ def open_train_set(m: Manifest, root, world_size: int = 1, teacher_size: int | N
     counts = [n for _, n, _ in root.attrs["shards"]["train"]]
     in_shard = np.arange(layout.positions)[None, :] < np.array(counts)[:, None]
     valid = (cache.read_labels(root, "train") >= 0) & in_shard
-    subset = m.student.train_shards
-    if subset is not None:
-        if not 1 <= subset <= len(shardlist.shards):
-            raise ManifestError(f"student.train_shards={subset}: {m.data.train} has {len(shardlist.shards)} shards; "
-                                f"choose 1..{len(shardlist.shards)}, or null for all")
-        shardlist = dataclasses.replace(shardlist, shards=shardlist.shards[:subset])
-        valid = valid[:subset]
+    labelled = m.student.labelled_shards
+    if labelled is not None and not 1 <= labelled <= len(shardlist.shards):
+        raise ManifestError(f"student.labelled_shards={labelled}: {m.data.train} has {len(shardlist.shards)} shards; "
+                            f"choose 1..{len(shardlist.shards)}, or null for all")
     size = None if teacher_size in (None, m.student.img_size) else teacher_size
     return TrainSet(m, shardlist, m.cache.path, layout.epochs, valid, layout.num_classes, world_size, size)
 
@@ -306,7 +303,7 @@ class StudentViews(IterableDataset):
     def _records(self, plan: WorkerPlan, wanted: np.ndarray) -> Iterator[tuple[int, dict | None]]:
         """(item index, record or None when not wanted) for every item, in reading order."""
         data, m = self.data, self.data.m
-        root = cache.open_cache(data.cache_path)
+        reader = cache.SlabReader(cache.open_cache(data.cache_path), "train")
         cache_epoch = data.cache_epoch(self.epoch)
         window = m.views.mix.window
         item = 0
@@ -317,38 +314,39 @@ class StudentViews(IterableDataset):
                 item += span_items
                 continue
             if slab_shard != span.shard:
-                slab = cache.read_slab(root, "train", cache_epoch, span.shard, CACHED_FIELDS)
+                slab = reader.read(cache_epoch, span.shard, CACHED_FIELDS)
                 slab_shard = span.shard
             n = data.shardlist.shards[span.shard].samples
             start, stop = span.start // window * window, min(-(-span.stop // window) * window, n)
             # whole mix windows: a view's partner lives in its window
             samples = {s.pos: s for s in read_shard(data.shardlist, span.shard, start=start, stop=stop,
                                                     on_error=m.data.on_error)}
+            # each unmixed view rendered once per size, also where only a view mixing with it is wanted
+            images = {pos: s.image for pos, s in samples.items()}
+            sizes = {"views": m.student.img_size}
+            if data.teacher_size is not None:
+                sizes["teacher_views"] = data.teacher_size
+            rendered = {name: views.ShardViews(images, slab["view"], size, m.views) for name, size in sizes.items()}
             for pos in range(span.start, span.stop):
                 if not data.valid[span.shard, pos]:
                     continue
-                yield item, (self._record(slab, samples, span.shard, pos, cache_epoch) if wanted[item] else None)
+                yield item, (self._record(slab, samples, rendered, span.shard, pos, cache_epoch)
+                             if wanted[item] else None)
                 item += 1
 
-    def _record(self, slab: dict, samples: dict, shard: int, pos: int, cache_epoch: int) -> dict:
-        data, m = self.data, self.data.m
+    def _record(self, slab: dict, samples: dict, rendered: dict[str, views.ShardViews], shard: int, pos: int,
+                cache_epoch: int) -> dict:
+        data = self.data
         sample = samples.get(pos)
         if sample is None or slab["digest"][pos] == 0:
             raise cache.CacheError(f"cache {data.cache_path}: cache epoch {cache_epoch}, shard {shard} "
                                    f"({data.shardlist.shards[shard].url}) position {pos} has a label but "
                                    f"{'no readable sample' if sample is None else 'no view (digest 0)'}: the shards "
                                    f"changed since the cache was filled or the cache is damaged; rebuild the cache")
-        params = slab["view"][pos]
-        partner, lam = views.mix_target(params)
-        if partner != pos and partner not in samples:
-            partner = pos  # the partner was skipped as a bad sample: the teacher mixed the view with itself
-        rendered = {"views": views.render(sample.image, params, m.student.img_size, m.views,
-                                          partner_image=samples[partner].image, partner_params=slab["view"][partner])}
-        if data.teacher_size is not None:
-            rendered["teacher_views"] = views.render(sample.image, params, data.teacher_size, m.views,
-                                                     partner_image=samples[partner].image,
-                                                     partner_params=slab["view"][partner])
-        return {**rendered, "labels": sample.label, "partner_labels": samples[partner].label, "lam": lam,
+        _, lam = views.mix_target(slab["view"][pos])
+        partner = rendered["views"].partner(pos)  # itself when the partner was skipped as a bad sample
+        return {**{name: shard_views.view(pos) for name, shard_views in rendered.items()},
+                "labels": sample.label, "partner_labels": samples[partner].label, "lam": lam,
                 "topk_logits": slab["topk_logits"][pos], "topk_ids": slab["topk_ids"][pos].astype(np.int64),
                 "lse": slab["lse"][pos], "shard": shard, "pos": pos}
 
@@ -391,18 +389,15 @@ def verify_views(m: Manifest, root, shardlist: ShardList, share: float) -> int:
     stored = root.attrs.get("versions", {})
     drift = {k: (stored.get(k), v) for k, v in library_versions().items() if stored.get(k) != v}
     checked = 0
+    reader = cache.SlabReader(root, "train")
     for shard, start, stop in runs:
-        slab = cache.read_slab(root, "train", 0, shard, ("digest", "view"))
+        slab = reader.read(0, shard, ("digest", "view"))
         samples = {s.pos: s for s in read_shard(shardlist, shard, start=start, stop=stop, on_error=m.data.on_error)}
+        rendered = views.ShardViews({pos: s.image for pos, s in samples.items()}, slab["view"], size, m.views)
         for pos in range(start, stop):
             if not valid[shard, pos]:
                 continue
-            params = slab["view"][pos]
-            partner, _ = views.mix_target(params)
-            if partner != pos and partner not in samples:
-                partner = pos
-            view = views.render(samples[pos].image, params, size, m.views,
-                                partner_image=samples[partner].image, partner_params=slab["view"][partner])
+            view = rendered.view(pos)
             checked += 1
             if (views.view_digest(view) or 1) != int(slab["digest"][pos]):
                 versions = ("the installed versions differ from the cache's: " +

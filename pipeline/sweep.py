@@ -44,7 +44,7 @@ from typing import Any, Callable
 import yaml
 
 from pipeline import cache
-from pipeline.manifest import Manifest, ManifestError, load, to_dict
+from pipeline.manifest import Manifest, ManifestError, load, read_yaml_mapping, to_dict
 from pipeline.student_data import first_difference
 from pipeline.train import CHECKPOINT, RESULT, RESUMABLE_CHANGES  # loads torch and timm once, before any fork
 
@@ -99,14 +99,7 @@ def _check_overrides(overrides: Any, where: str) -> dict[str, Any]:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read a sweep file strictly: unknown keys, wrong types, empty value lists and non-student keys raise."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {path} does not exist: pass --sweep with a YAML file (see manifests/sweeps/)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: the top level must be a mapping with keys {list(SWEEP_KEYS)}")
+    data = read_yaml_mapping(path, SweepError, "sweep file", list(SWEEP_KEYS))
     unknown = sorted(set(data) - set(SWEEP_KEYS), key=str)
     if unknown:
         raise SweepError(f"{path}: unknown key {unknown[0]!r}: valid keys are {list(SWEEP_KEYS)}")

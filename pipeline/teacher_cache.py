@@ -137,18 +137,14 @@ class UnitViews(IterableDataset):
             return
         params = {pos: views.sample_params(self.m.views, unit.epoch, shard, pos, n, s.image.size)
                   for pos, s in block.items()}
+        # each unmixed view once, mixed into its own view and its partners' (a skipped partner: itself)
+        rendered = views.ShardViews({pos: s.image for pos, s in block.items()}, params, size, self.m.views)
         for pos in range(start, stop):
             sample = block.get(pos)
             if sample is None:
                 yield pos, None, None, -1
                 continue
-            partner, _ = views.mix_target(params[pos])
-            if partner != pos and partner not in block:
-                # the partner was skipped as a bad sample: mix with itself (replays the same way)
-                partner = pos
-            view = views.render(sample.image, params[pos], size, self.m.views,
-                                partner_image=block[partner].image, partner_params=params[partner])
-            yield pos, view, params[pos], sample.label
+            yield pos, rendered.view(pos), params[pos], sample.label
 
     @staticmethod
     def _collate(unit, shard, records, size):

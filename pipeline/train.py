@@ -134,8 +134,9 @@ class Learner:
                               batch["lam"].to(self.device), self.num_classes, s.smoothing)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_cuda):
             cls_logits, dist_logits = self.forward(x)
+        labelled = None if s.labelled_shards is None else (batch["shard"] < s.labelled_shards).to(self.device)
         parts = deit_loss(cls_logits.float(), dist_logits.float(), target, self.answers(batch), s.distillation,
-                          s.alpha, s.tau)
+                          s.alpha, s.tau, labelled)
         if not torch.isfinite(parts["loss"]):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
             raise NonFiniteLossError(f"non-finite loss at step {step} (epoch {epoch}): {values}. Stopped before the "

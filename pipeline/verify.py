@@ -2,7 +2,8 @@
 
 For every shard with complete units, a seeded random run of about `share` of its views (at least one, so
 every complete unit is sampled) is re-rendered from the stored parameters at the teacher's resolution
-(`views.render`; val: `views.eval_view`), and for every complete epoch of that shard:
+(`views.ShardViews`: `views.render`'s views, each unmixed view drawn once; val: `views.eval_view`), and for
+every complete epoch of that shard:
 
 - the digest of the re-rendered uint8 view must equal the stored one (the pixels are the teacher's);
 - the teacher is run again on the view and its logits compared with the stored top-K: class agreement of
@@ -223,6 +224,8 @@ class _Verifier:
             self._epoch(report, shardlist, split, epoch, shard, positions, samples, slab)
 
     def _epoch(self, report, shardlist, split, epoch, shard, positions, samples, slab) -> None:
+        train_views = None if split == "val" else views.ShardViews(
+            {pos: s.image for pos, s in samples.items()}, slab["view"], self.size, self.m.views)
         rendered, places, kept = [], [], []
         for pos in map(int, positions):
             where = f"{split} {'' if epoch is None else f'epoch {epoch}, '}shard {shard} position {pos}"
@@ -233,7 +236,8 @@ class _Verifier:
                                                 f"{shardlist.shards[shard].url}")
                 continue
             where += f" (key {sample.key!r})"
-            view = self._render(split, sample, samples, slab, pos)
+            view = (views.eval_view(sample.image, self.size, self.teacher.crop_pct) if train_views is None
+                    else train_views.view(pos))  # a skipped bad partner: the teacher stage mixed with itself
             if (views.view_digest(view) or 1) != int(slab["digest"][pos]):
                 report.digest_mismatches.append(where)
                 continue
@@ -248,16 +252,6 @@ class _Verifier:
             rows = kept[i:i + batch]
             stored = {name: slab[name][rows] for name in ("topk_logits", "topk_ids", "lse")}
             compare_answers(report, stored, logits, places[i:i + batch], self.t)
-
-    def _render(self, split, sample, samples, slab, pos) -> np.ndarray:
-        if split == "val":
-            return views.eval_view(sample.image, self.size, self.teacher.crop_pct)
-        params = slab["view"][pos]
-        partner, _ = views.mix_target(params)
-        if partner != pos and partner not in samples:
-            partner = pos  # a skipped bad sample: the teacher stage mixed the view with itself
-        return views.render(sample.image, params, self.size, self.m.views,
-                            partner_image=samples[partner].image, partner_params=slab["view"][partner])
 
 
 def _incomplete(split: str, done: np.ndarray) -> list[str]:

@@ -4,10 +4,10 @@ A view of (cache epoch e, shard s, position p) is drawn by `sample_params` from 
 (seed, e, s, p) alone, one generator per part (crop, flip, RandAugment, erasing, mix), so switching a part
 off leaves the others' draws unchanged. The draws are written into a float32 vector (`PARAM_FIELDS`) whose
 every value is exact in float32: coordinates are normalised and quantised to multiples of 2**-16, integers
-stay below 2**24. `render`/`render_unmixed` read only that vector (and the recipe constants in the config)
-and draw no random numbers: the erasing noise comes from a numpy `RandomState` seeded by the stored
-`erase_seed`, whose stream numpy keeps frozen across versions. So a view rendered from the decoded cache
-entry is the view the teacher saw, at any output resolution.
+stay below 2**24. `render_unmixed`, `mix` and `render` (the two composed) read only that vector (and the
+recipe constants in the config) and draw no random numbers: the erasing noise comes from a numpy `RandomState`
+seeded by the stored `erase_seed`, whose stream numpy keeps frozen across versions. So a view rendered from
+the decoded cache entry is the view the teacher saw, at any output resolution.
 
 The pixel operations are torchvision's (`resized_crop`, `hflip`) and timm's RandAugment ops
 (`timm.data.auto_augment.NAME_TO_OP`) called with explicit arguments; the order and the sampling follow
@@ -442,10 +442,34 @@ def render_unmixed(image: Image.Image, params: np.ndarray, size: int, cfg: Views
     return view
 
 
+def mix(view: np.ndarray, partner_view: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The final uint8 view from the unmixed view of `params` and its mix partner's unmixed view (same size),
+    as `params` say: mixup blends them, cutmix pastes the partner's box. Neither input is modified; an
+    unmixed view comes back as `view` itself."""
+    p = _decode(params)
+    mode = MIX_MODES[p["mix_mode"]]
+    if mode == "none":
+        return view
+    if partner_view.shape != view.shape:
+        raise ValueError(f"this view is a {mode} of a {view.shape} view with a partner view of shape "
+                         f"{partner_view.shape}: render both at the same size")
+    if mode == "mixup":
+        lam = np.float32(p["mix_lam"])
+        blend = lam * view.astype(np.float32) + (np.float32(1.0) - lam) * partner_view.astype(np.float32)
+        return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    size_h, size_w = view.shape[:2]
+    top, bottom = _px(p["mix_y0"], size_h), _px(p["mix_y1"], size_h)
+    left, right = _px(p["mix_x0"], size_w), _px(p["mix_x1"], size_w)
+    out = view.copy()
+    out[top:bottom, left:right] = partner_view[top:bottom, left:right]
+    return out
+
+
 def render(image: Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg,
            partner_image: Image.Image | None = None, partner_params: np.ndarray | None = None) -> np.ndarray:
     """The final (size, size, 3) uint8 view: the unmixed view mixed with the partner's own unmixed view
-    (rendered under the partner's params) when `params` say so."""
+    (rendered under the partner's params) when `params` say so. Loops over many views of one shard render
+    each unmixed view once instead (`ShardViews`)."""
     view = render_unmixed(image, params, size, cfg)
     p = _decode(params)
     mode = MIX_MODES[p["mix_mode"]]
@@ -454,15 +478,41 @@ def render(image: Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg,
     if partner_image is None or partner_params is None:
         raise ValueError(f"this view is a {mode} with the sample at position {p['mix_partner']} of the same shard: "
                          f"pass that sample's image as partner_image and its view params as partner_params")
-    other = render_unmixed(partner_image, partner_params, size, cfg)
-    if mode == "mixup":
-        lam = np.float32(p["mix_lam"])
-        blend = lam * view.astype(np.float32) + (np.float32(1.0) - lam) * other.astype(np.float32)
-        return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
-    top, bottom = _px(p["mix_y0"], size), _px(p["mix_y1"], size)
-    left, right = _px(p["mix_x0"], size), _px(p["mix_x1"], size)
-    view[top:bottom, left:right] = other[top:bottom, left:right]
-    return view
+    return mix(view, render_unmixed(partner_image, partner_params, size, cfg), params)
+
+
+class ShardViews:
+    """The final views of one shard's positions under one set of stored params, each position's unmixed view
+    rendered once however many views mix with it (`render` would draw a partner again for every view that
+    mixes with it). `images` and `params` map a position to its source image and its parameter vector; the
+    unmixed views of the mix window last asked about are kept, so positions asked for in order, window by
+    window, render each unmixed view once. Used by every loop that renders a run of views: stage 1, the
+    student's reader and the cache checks."""
+
+    def __init__(self, images, params, size: int, cfg: ViewsCfg):
+        self.images, self.params, self.size, self.cfg = images, params, size, cfg
+        self._window: int | None = None
+        self._unmixed: dict[int, np.ndarray] = {}
+
+    def partner(self, pos: int) -> int:
+        """The position `pos` mixes with; itself when the partner was skipped as a bad sample (not in
+        `images`): stage 1 then mixed the view with itself, and every replay does the same."""
+        partner, _ = mix_target(self.params[pos])
+        return pos if partner != pos and partner not in self.images else partner
+
+    def unmixed(self, pos: int) -> np.ndarray:
+        window = pos // self.cfg.mix.window
+        if window != self._window:
+            self._window, self._unmixed = window, {}
+        view = self._unmixed.get(pos)
+        if view is None:
+            view = self._unmixed[pos] = render_unmixed(self.images[pos], self.params[pos], self.size, self.cfg)
+        return view
+
+    def view(self, pos: int) -> np.ndarray:
+        """The final view of `pos`, equal to `render` with its partner's image and params."""
+        own = self.unmixed(pos)
+        return mix(own, self.unmixed(self.partner(pos)), self.params[pos])
 
 
 def view_digest(view: np.ndarray) -> int:

@@ -1,7 +1,8 @@
 """`distill demo`: the main job on the embedded default, end to end.
 
 shards -> teacher -> teacher-cache -> train-student twice (no distillation, hard distillation) -> a summary
-table in runs/demo/summary.json -> teacher agreement statistics. Every step resumes or skips what is done."""
+table in runs/demo/summary.json -> teacher agreement statistics (runs/demo/stats). Every step resumes or skips
+what is done."""
 
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from pipeline.shards import write_digits
 from pipeline.teacher_cache import run as fill_cache
 from pipeline.train import RESULT, train
 from stages.shards import digits_root
+from stages.stats import write_stats
 from stages.teacher import train_demo_teacher
 
 MODES = ("none", "hard")
@@ -64,3 +66,5 @@ def demo(m, out, progress):
     for mode, r in results.items():
         click.echo(f"  {'student ' + mode:<22}{r['top1_class']:>8.4f}{r['top1_dist']:>8.4f}{r['top1_joint']:>8.4f}"
                    f"{r['agree_joint']:>18.4f}")
+    click.echo("\nteacher agreement statistics (make stats)\n")
+    click.echo(write_stats(m.cache.path, [str(out / f"student-{mode}") for mode in MODES], out / "stats"))

@@ -37,18 +37,24 @@ def cache_path_of(cache_path: str | None, manifest_path: str, overrides: tuple[s
 def stats(cache_path, manifest_path, overrides, runs, out):
     """Teacher top-1 on its cached views, top-K mass and entropy (is K large enough?), per-class accuracy and
     agreement, and DeiT's Table 4 for the runs: printed, and written as stats.json plus PNG plots."""
-    from pipeline import plots
     from pipeline.cache import CacheError
-    from pipeline.stats import StatsError, compute, format_table
+    from pipeline.stats import StatsError
 
     cache_path = cache_path_of(cache_path, manifest_path, overrides)
-    out = Path(out) if out else default_out(cache_path)
     try:
-        result = compute(cache_path, list(runs))
+        click.echo(write_stats(cache_path, list(runs), Path(out) if out else default_out(cache_path)))
     except (CacheError, StatsError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def write_stats(cache_path: str, runs: list, out: Path) -> str:
+    """Compute the statistics, write stats.json and the plots into `out`; returns the printable table."""
+    from pipeline import plots
+    from pipeline.stats import compute, format_table
+
+    result = compute(cache_path, runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stats.json").write_text(json.dumps(result, indent=1) + "\n")
     pngs = plots.save_all(result, out)
-    click.echo(format_table(result))
-    click.echo(f"\nwrote {out / 'stats.json'} and {', '.join(p.name for p in pngs.values())} in {out}")
+    return (f"{format_table(result)}\n\n"
+            f"wrote {out / 'stats.json'} and {', '.join(p.name for p in pngs.values())} in {out}")

@@ -1,6 +1,7 @@
 """Shared fixtures."""
 
 import pytest
+import torch
 
 from pipeline.shards import write_digits
 from tiny import TinyCache
@@ -21,3 +22,12 @@ def digits_shards(tmp_path_factory):
 def tiny_cache(tmp_path_factory):
     """manifests/tiny.yaml with its shards, teacher and a filled cache (tests/tiny.py); treat it as read-only."""
     return TinyCache(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a few shared cores, more make the tiny teacher many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

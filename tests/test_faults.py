@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from zarr.storage import LocalStore
 
@@ -26,13 +25,7 @@ from pipeline.teacher_cache import run as fill_cache
 TINY = "manifests/tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a few shared cores, more make the tiny teacher many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +235,18 @@ def test_an_extension_cut_short_while_growing_the_arrays_resumes(tmp_path, overr
     root["train"]["lse"].resize((2,) + root["train"]["lse"].shape[1:])
     fill_cache(_manifest(overrides, path, "cache.epochs=2"), progress=False)
     assert_same_cache(path, reference)
+
+
+# --------------------------------------------------------------------------------------------- topology
+
+
+def test_the_cache_is_bit_identical_for_one_or_two_ranks_and_zero_or_two_workers(tmp_path, overrides, reference):
+    """Units go to ranks and workers by index and teacher batches never cross a shard, so the numbers cannot
+    depend on the topology: two independent rank jobs, or two loader workers, write the reference cache."""
+    ranks = str(tmp_path / "two-ranks")
+    for rank in (1, 0):  # in either order: each job writes only its own units
+        fill_cache(_manifest(overrides, ranks), rank=rank, world_size=2, progress=False)
+    assert_same_cache(ranks, reference)
+    workers = str(tmp_path / "two-workers")
+    fill_cache(_manifest(overrides, workers, "cache.workers=2"), progress=False)
+    assert_same_cache(workers, reference)

@@ -299,3 +299,33 @@ def test_mismatched_cached_shapes_are_rejected():
 def test_non_positive_temperature_is_rejected():
     with pytest.raises(ValueError, match=r"tau must be > 0, got 0.0; set student.tau"):
         sparse_teacher_log_probs(torch.zeros(1, 2), torch.tensor([[0, 1]]), torch.zeros(1), 3, tau=0.0)
+
+
+def test_labelled_mask_restricts_the_ground_truth_terms_to_labelled_views():
+    """A smaller labelled split: ground-truth terms average over the labelled views only (numpy reference);
+    the teacher's terms still use every view; a batch with no labelled view adds no ground-truth loss."""
+    torch.manual_seed(0)
+    b, c = 6, 5
+    cls_logits, dist_logits = torch.randn(b, c), torch.randn(b, c)
+    target = mixed_target(torch.randint(0, c, (b,)), torch.randint(0, c, (b,)), torch.rand(b), c, 0.1)
+    labelled = torch.tensor([True, False, True, False, False, True])
+    ids = torch.argsort(-torch.randn(b, c), dim=1).to(torch.int32)
+    cached = {"topk_logits": torch.randn(b, c).sort(dim=1, descending=True).values.half(), "topk_ids": ids,
+              "lse": torch.full((b,), 3.0)}
+
+    def ce(logits, rows):
+        z = logits.numpy().astype(np.float64)
+        log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+        per_view = -(target.numpy() * log_p).sum(1)
+        return per_view[rows].mean()
+
+    rows = labelled.numpy()
+    none = deit_loss(cls_logits, dist_logits, target, None, "none", 0.5, 1.0, labelled)
+    assert none["base"].item() == pytest.approx(ce(cls_logits, rows), rel=1e-5)
+    assert none["distill"].item() == pytest.approx(ce(dist_logits, rows), rel=1e-5)
+    hard = deit_loss(cls_logits, dist_logits, target, cached, "hard", 0.5, 1.0, labelled)
+    assert hard["base"].item() == pytest.approx(ce(cls_logits, rows), rel=1e-5)
+    every = deit_loss(cls_logits, dist_logits, target, cached, "hard", 0.5, 1.0)
+    assert hard["distill"].item() == pytest.approx(every["distill"].item())  # the teacher labels every view
+    nobody = deit_loss(cls_logits, dist_logits, target, cached, "hard", 0.5, 1.0, torch.zeros(b, dtype=torch.bool))
+    assert nobody["base"].item() == 0.0 and nobody["loss"].item() == pytest.approx(0.5 * every["distill"].item())

@@ -81,7 +81,7 @@ def test_malformed_sweep_files_are_refused(tmp_path, text, message):
 
 
 def test_missing_sweep_file(tmp_path):
-    with pytest.raises(SweepError, match=r"sweep file .*nope.yaml does not exist: pass --sweep with a YAML file"):
+    with pytest.raises(SweepError, match=r"sweep file .*nope.yaml does not exist: pass a YAML file"):
         load_sweep(tmp_path / "nope.yaml")
 
 

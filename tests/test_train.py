@@ -230,15 +230,11 @@ def test_student_model_args_that_do_not_fit_are_named(tiny_cache):
         create_student(m.student, 10)
 
 
-def test_train_shards_restricts_the_student_to_the_first_shards(tiny_cache):
+def test_labelled_shards_must_name_existing_shards(tiny_cache):
     root = cache.open_cache(tiny_cache.manifest().cache.path)
-    full = open_train_set(tiny_cache.manifest(), root)
-    subset = open_train_set(tiny_cache.manifest("student.train_shards=1"), root)
-    assert len(subset.shardlist.shards) == 1 < len(full.shardlist.shards)
-    seen = {int(shard) for plan in subset.plan(0, 0) for shard, _ in plan.items}
-    assert seen == {0}
-    with pytest.raises(ManifestError, match=r"student.train_shards=99: .* choose 1\.\."):
-        open_train_set(tiny_cache.manifest("student.train_shards=99"), root)
+    open_train_set(tiny_cache.manifest("student.labelled_shards=1"), root)
+    with pytest.raises(ManifestError, match=r"student.labelled_shards=99: .* has 3 shards; choose 1\.\.3"):
+        open_train_set(tiny_cache.manifest("student.labelled_shards=99"), root)
 
 
 # --------------------------------------------------------------------------------------------- evaluation

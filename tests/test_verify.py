@@ -42,13 +42,7 @@ class Built:
         return CliRunner().invoke(main, ["verify-cache", "--manifest", TINY, *sets, "--cache", path, *args])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a few shared cores, more make the tiny teacher many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

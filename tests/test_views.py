@@ -354,6 +354,76 @@ def test_mixup_is_the_rounded_blend():
     assert 0 < lam < 1 and np.all(np.abs(view - blend) <= 0.5 + 1e-4)
 
 
+def _first_with_mode(cfg, mode, shard_len=16):
+    for p in range(shard_len):
+        params = V.sample_params(cfg, 0, 0, p, shard_len, (40, 40))
+        if V.MIX_MODES[int(field(params, "mix_mode"))] == mode:
+            return params
+    raise AssertionError(f"no {mode} view")
+
+
+def test_mix_alone_blends_or_pastes_exactly_as_the_params_say():
+    rng = np.random.default_rng(0)
+    own, other = (rng.integers(0, 256, (12, 20, 3), dtype=np.uint8) for _ in range(2))
+    kept = own.copy(), other.copy()
+    # mixup: the float32 blend rounded to the nearest integer, computed here without the library
+    params = _first_with_mode(ViewsCfg(), "mixup")
+    lam = np.float32(field(params, "mix_lam"))
+    expected = np.rint(lam * own.astype(np.float32) + (np.float32(1) - lam) * other.astype(np.float32)).astype(np.uint8)
+    mixed = V.mix(own, other, params)
+    assert mixed.dtype == np.uint8 and np.array_equal(mixed, expected) and 0 < lam < 1
+    # cutmix: the box (x scaled by the width, y by the height) from the partner, the rest from the view
+    params = _first_with_mode(ViewsCfg(), "cutmix")
+    x0, y0, x1, y1 = V.describe(params)["mix"]["box"]
+    top, bottom, left, right = (int(np.floor(v * side + 0.5)) for v, side in ((y0, 12), (y1, 12), (x0, 20), (x1, 20)))
+    box = np.zeros((12, 20), bool)
+    box[top:bottom, left:right] = True
+    mixed = V.mix(own, other, params)
+    assert box.any() and not box.all()
+    assert np.array_equal(mixed[box], other[box]) and np.array_equal(mixed[~box], own[~box])
+    # no mix: the view itself; the inputs are never changed
+    lone = V.sample_params(ViewsCfg(), 0, 0, 32, 33, (8, 8))
+    assert V.mix(own, other, lone) is own
+    assert np.array_equal(own, kept[0]) and np.array_equal(other, kept[1])
+
+
+def test_render_is_render_unmixed_then_mix():
+    cfg = ViewsCfg()
+    modes = set()
+    for p in range(len(SHARD)):
+        params, view = render_view(cfg, SHARD, 1, 3, p, 20)
+        q, _ = V.mix_target(params)
+        partner = V.sample_params(cfg, 1, 3, q, len(SHARD), SHARD[q].size)
+        parts = V.render_unmixed(SHARD[p], params, 20, cfg), V.render_unmixed(SHARD[q], partner, 20, cfg)
+        assert np.array_equal(V.mix(*parts, params), view)
+        modes.add(V.describe(params)["mix"]["mode"] if V.describe(params)["mix"] else "none")
+    assert modes == {"mixup", "cutmix"}
+
+
+def test_shard_views_render_each_unmixed_view_once_and_equal_render(monkeypatch):
+    cfg = ViewsCfg()
+    cfg.mix.window = 4  # two windows in the shard
+    n = len(SHARD)
+    params = {p: V.sample_params(cfg, 0, 7, p, n, SHARD[p].size) for p in range(n)}
+    # a partner skipped as a bad sample: the view mixes with itself, as stage 1 did
+    q = V.mix_target(params[5])[0]
+    images = {p: SHARD[p] for p in range(n) if p != q}
+    expected = {}
+    for p in images:
+        partner = V.mix_target(params[p])[0]
+        partner = p if partner not in images else partner
+        expected[p] = V.render(SHARD[p], params[p], 16, cfg, SHARD[partner], params[partner])
+    rendered = []
+    render_unmixed = V.render_unmixed
+    monkeypatch.setattr(V, "render_unmixed",
+                        lambda image, p, size, c: rendered.append(p) or render_unmixed(image, p, size, c))
+    shard_views = V.ShardViews(images, params, 16, cfg)
+    for p in images:
+        assert np.array_equal(shard_views.view(p), expected[p]), p
+    assert shard_views.partner(5) == 5 and V.mix_target(params[5])[0] != 5
+    assert len(rendered) == len(images)  # one unmixed view per position, however many mix with it
+
+
 def test_param_statistics_follow_the_recipe():
     cfg = ViewsCfg()
     shard_len, window = 37, cfg.mix.window  # blocks [0,16) [16,32) [32,37)
@@ -465,5 +535,8 @@ def test_bad_params_and_missing_partner_are_reported():
     q, _ = V.mix_target(params)
     with pytest.raises(ValueError, match=f"with the sample at position {q} of the same shard: pass .* partner_image"):
         V.render(SHARD[0], params, 8, cfg)
+    with pytest.raises(ValueError, match=r"cutmix of a \(8, 8, 3\) view with a partner view of shape \(4, 4, 3\): "
+                                         r"render both at the same size"):
+        V.mix(np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4, 3), np.uint8), _first_with_mode(cfg, "cutmix"))
     with pytest.raises(ValueError, match="view_digest takes the uint8 view .* got dtype float32"):
         V.view_digest(np.zeros((2, 2, 3), np.float32))
