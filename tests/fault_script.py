@@ -21,7 +21,6 @@ own. `exec` starts the installed `distill` script itself each time. Every run us
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import os
@@ -47,25 +46,9 @@ POLL_S = 0.005
 
 def write_tiny_shards(directory: Path, sizes: tuple[int, ...], first_index: int) -> Path:
     """PNG digits in WebDataset tars of the given sizes, and their shard list."""
-    from PIL import Image
-    from webdataset import TarWriter
+    from tiny import write_shards
 
-    from pipeline.shards import build_shardlist, digits_arrays
-
-    images, labels = digits_arrays()
-    directory.mkdir(parents=True, exist_ok=True)
-    paths, i = [], first_index
-    for shard, size in enumerate(sizes):
-        path = directory / f"part-{shard:06d}.tar"
-        with TarWriter(str(path), encoder=False) as writer:
-            for _ in range(size):
-                png = io.BytesIO()
-                Image.fromarray(images[i]).save(png, format="PNG")
-                writer.write({"__key__": f"digit{i:04d}", "cls": str(labels[i]).encode(), "png": png.getvalue()})
-                i += 1
-        paths.append(path)
-    build_shardlist(paths, directory / "shardlist.json", classes=[str(c) for c in range(10)])
-    return directory / "shardlist.json"
+    return write_shards(directory, sizes, first_index)
 
 
 def write_teacher(path: Path, seed: int = 0) -> Path:

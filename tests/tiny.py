@@ -20,9 +20,11 @@ VAL_SHARDS = (20,)
 BAD = (1, 3)  # (shard, position) of an undecodable sample: skipped by the teacher stage, dropped here
 
 
-def _write_shards(directory, sizes, first_index, bad=None):
+def write_shards(directory, sizes, first_index, bad=None):
+    """PNG digits in WebDataset tars of the given sizes (`bad`: the (shard, position) to corrupt), and their
+    shard list."""
     images, labels = digits_arrays()
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     paths, i = [], first_index
     for shard, size in enumerate(sizes):
         path = directory / f"part-{shard:06d}.tar"
@@ -58,8 +60,8 @@ class TinyCache:
 
     def __init__(self, root):
         self.root = root
-        self.train = _write_shards(root / "train", TRAIN_SHARDS, 0, bad=BAD)
-        self.val = _write_shards(root / "val", VAL_SHARDS, sum(TRAIN_SHARDS))
+        self.train = write_shards(root / "train", TRAIN_SHARDS, 0, bad=BAD)
+        self.val = write_shards(root / "val", VAL_SHARDS, sum(TRAIN_SHARDS))
         self.checkpoint = _teacher_checkpoint(root / "teacher.pt", load("manifests/tiny.yaml"))
         self.cache_path = root / "cache"
         fill_cache(self.manifest(), progress=False)
