@@ -493,12 +493,17 @@ def _read(root: zarr.Group, split: str, arr: zarr.Array, selection) -> np.ndarra
         raise
 
 
-def disk_usage(path: str) -> int | None:
-    """Bytes on disk of a local cache (None for a remote URL)."""
+def local_dir(path: str) -> Path | None:
+    """The directory of a cache on the local filesystem (plain path or file:// URL); None for a remote URL."""
     if "://" in path and not path.startswith("file://"):
         return None
-    root = Path(path.removeprefix("file://"))
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return Path(path.removeprefix("file://"))
+
+
+def disk_usage(path: str) -> int | None:
+    """Bytes on disk of a local cache (None for a remote URL)."""
+    root = local_dir(path)
+    return None if root is None else sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
 def cached_views(path: str) -> int:

@@ -9,9 +9,12 @@ from pipeline.manifest import ManifestError, load
 
 
 def default_out(cache_path: str) -> Path:
-    if "://" in cache_path and not cache_path.startswith("file://"):
+    from pipeline.cache import local_dir
+
+    root = local_dir(cache_path)
+    if root is None:
         raise click.UsageError(f"the cache {cache_path} is not a local directory: pass --out for the outputs")
-    return Path(cache_path.removeprefix("file://")) / "stats"
+    return root / "stats"
 
 
 def cache_path_of(cache_path: str | None, manifest_path: str, overrides: tuple[str, ...]) -> str:
