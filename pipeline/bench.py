@@ -241,7 +241,7 @@ def imagenet_like_params(rng: np.random.Generator, shards: int, positions: int) 
         for p in range(positions):
             long, aspect = int(rng.integers(300, 641)), rng.uniform(0.6, 1.8)
             size = (long, max(1, round(long / aspect))) if aspect >= 1 else (max(1, round(long * aspect)), long)
-            out[s, p] = views.sample_params(cfg, 0, s, p, positions, size)
+            out[s, p] = views.sample_params(cfg, 0, s, p, positions, size, size=224)  # DeiT's teacher size
     return out
 
 
@@ -510,7 +510,7 @@ def _replay_set(shardlist_path: str, count: int, size: int, cfg: ViewsCfg, reps:
     window = cfg.mix.window
     count = n if count >= n else min(n, max(window, count // window * window))  # whole mix windows
     samples = list(read_shard(shardlist, 0, stop=count))
-    params = [views.sample_params(cfg, 0, 0, x.pos, n, x.image.size) for x in samples]
+    params = [views.sample_params(cfg, 0, 0, x.pos, n, x.image.size, size=size) for x in samples]
     partners = [views.mix_target(p)[0] for p in params]
 
     def decode():

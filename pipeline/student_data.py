@@ -305,7 +305,6 @@ class StudentViews(IterableDataset):
         data, m = self.data, self.data.m
         reader = cache.SlabReader(cache.open_cache(data.cache_path), "train")
         cache_epoch = data.cache_epoch(self.epoch)
-        window = m.views.mix.window
         item = 0
         slab, slab_shard = None, None
         for span in plan.spans:
@@ -317,8 +316,8 @@ class StudentViews(IterableDataset):
                 slab = reader.read(cache_epoch, span.shard, CACHED_FIELDS)
                 slab_shard = span.shard
             n = data.shardlist.shards[span.shard].samples
-            start, stop = span.start // window * window, min(-(-span.stop // window) * window, n)
-            # whole mix windows: a view's partner lives in its window
+            # whole mix windows of this cache epoch: a view's partner lives in its window
+            start, stop = views.windows_covering(m.views, cache_epoch, span.shard, span.start, span.stop, n)
             samples = {s.pos: s for s in read_shard(data.shardlist, span.shard, start=start, stop=stop,
                                                     on_error=m.data.on_error)}
             # each unmixed view rendered once per size, also where only a view mixing with it is wanted
@@ -392,7 +391,10 @@ def verify_views(m: Manifest, root, shardlist: ShardList, share: float) -> int:
     reader = cache.SlabReader(root, "train")
     for shard, start, stop in runs:
         slab = reader.read(0, shard, ("digest", "view"))
-        samples = {s.pos: s for s in read_shard(shardlist, shard, start=start, stop=stop, on_error=m.data.on_error)}
+        n = shardlist.shards[shard].samples
+        read_start, read_stop = views.windows_covering(m.views, 0, shard, start, stop, n)  # partners at the ends
+        samples = {s.pos: s for s in read_shard(shardlist, shard, start=read_start, stop=read_stop,
+                                                on_error=m.data.on_error)}
         rendered = views.ShardViews({pos: s.image for pos, s in samples.items()}, slab["view"], size, m.views)
         for pos in range(start, stop):
             if not valid[shard, pos]:

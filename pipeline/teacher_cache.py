@@ -120,12 +120,14 @@ class UnitViews(IterableDataset):
         window = self.m.views.mix.window
         samples = read_shard(shardlist, shard, on_error=self.m.data.on_error)
         pending = next(samples, None)
-        for block_start in range(0, n, window):
+        blocks = ([(a, min(a + window, n)) for a in range(0, n, window)] if unit.split == "val"
+                  else views.mix_windows(self.m.views, unit.epoch, shard, n))  # this epoch's mix windows
+        for block_start, block_stop in blocks:
             block = {}
-            while pending is not None and pending.pos < block_start + window:
+            while pending is not None and pending.pos < block_stop:
                 block[pending.pos] = pending
                 pending = next(samples, None)
-            yield from self._render_block(unit, shard, n, block_start, min(block_start + window, n), block)
+            yield from self._render_block(unit, shard, n, block_start, block_stop, block)
 
     def _render_block(self, unit, shard, n, start, stop, block):
         size = self.m.teacher.img_size
@@ -135,7 +137,7 @@ class UnitViews(IterableDataset):
                 view = None if sample is None else views.eval_view(sample.image, size, self.eval_crop_pct)
                 yield pos, view, None, -1 if sample is None else sample.label
             return
-        params = {pos: views.sample_params(self.m.views, unit.epoch, shard, pos, n, s.image.size)
+        params = {pos: views.sample_params(self.m.views, unit.epoch, shard, pos, n, s.image.size, size=size)
                   for pos, s in block.items()}
         # each unmixed view once, mixed into its own view and its partners' (a skipped partner: itself)
         rendered = views.ShardViews({pos: s.image for pos, s in block.items()}, params, size, self.m.views)

@@ -211,9 +211,10 @@ class _Verifier:
     def shard(self, report: SplitReport, shardlist: ShardList, split: str, shard: int, positions: np.ndarray,
               epochs: list[int | None], damaged: list[str]) -> None:
         """Check `positions` of one shard in each of `epochs` (its complete units), reading the shard once."""
-        window = self.m.views.mix.window
-        start, stop = positions[0] // window * window, min(-(-(positions[-1] + 1) // window) * window,
-                                                              shardlist.shards[shard].samples)
+        n, first, last = shardlist.shards[shard].samples, int(positions[0]), int(positions[-1]) + 1
+        # whole mix windows of every epoch checked (their alignment changes with the epoch)
+        covering = [views.windows_covering(self.m.views, e, shard, first, last, n) for e in epochs if e is not None]
+        start, stop = min([first] + [a for a, _ in covering]), max([last] + [b for _, b in covering])
         samples = {s.pos: s for s in read_shard(shardlist, shard, start=start, stop=stop, on_error="skip")}
         for epoch in epochs:
             try:

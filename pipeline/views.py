@@ -12,7 +12,19 @@ the decoded cache entry is the view the teacher saw, at any output resolution.
 The pixel operations are torchvision's (`resized_crop`, `hflip`) and timm's RandAugment ops
 (`timm.data.auto_augment.NAME_TO_OP`) called with explicit arguments; the order and the sampling follow
 DeiT's timm pipeline: RandomResizedCrop, flip, RandAugment, random erasing, then mixup/cutmix with a partner
-drawn inside an aligned window of the same shard.
+drawn inside a window of the same shard whose alignment changes with the epoch (`mix_window`).
+
+Mix partners. The positions of shard s in cache epoch e are cut into windows of `views.mix.window` (W)
+consecutive positions starting at an offset drawn from (seed, e, s) alone; a view's partner is drawn uniformly
+from the other positions of its window. A reader that holds the whole windows around the positions it wants
+(`windows_covering`) always holds both images, whatever the loader topology, and an image's partners change
+with the epoch: its candidates over all epochs are its 2(W - 1) nearest shard neighbours, where a fixed
+alignment would tie it to the same W - 1 forever. Shards are shuffled when written (`make shards`), so
+neighbours are random images of the shard; `shards.label_runs` warns about shards written in class order.
+
+Cutmix lambda is the pixel-area fraction of the box at the teacher's resolution, as timm's
+`cutmix_bbox_and_lam` computes it: the box is drawn in pixels at that size (timm's `rand_bbox`) and stored
+normalised, so the teacher's render replays that exact pixel box.
 """
 
 from __future__ import annotations
@@ -32,7 +44,8 @@ from torchvision.transforms import InterpolationMode
 
 from pipeline.manifest import ManifestError, ViewsCfg, to_dict
 
-RECIPE_VERSION = "views/1"
+# views/2: epoch-dependent mix windows, cutmix box drawn in teacher pixels (timm's lambda correction)
+RECIPE_VERSION = "views/2"
 
 MAX_RA_OPS = 4  # RandAugment slots in the parameter vector; a spec asking for more ops is refused
 COORD_STEP = 2.0**-16  # normalised coordinates are stored as multiples of this
@@ -77,7 +90,7 @@ ERASE_LOG_ASPECT = (math.log(0.3), math.log(1.0 / 0.3))
 CROP_ATTEMPTS = 10
 ERASE_ATTEMPTS = 10
 
-_PART_CROP, _PART_FLIP, _PART_RA, _PART_ERASE, _PART_MIX = range(5)
+_PART_CROP, _PART_FLIP, _PART_RA, _PART_ERASE, _PART_MIX, _PART_WINDOW = range(6)
 
 PARAM_FIELDS: tuple[str, ...] = (
     ("crop_x0", "crop_y0", "crop_x1", "crop_y1", "interp", "flip")
@@ -177,6 +190,9 @@ def recipe(cfg: ViewsCfg) -> dict:
                     "pixel_noise": "clip(rint(255 * (imagenet_mean + imagenet_std * RandomState(erase_seed)"
                                    ".standard_normal((h, w, 3)))), 0, 255)"},
         "mixup_rounding": "rint(lam * a + (1 - lam) * b) in float32",
+        "mix_windows": "window offset = default_rng([seed, epoch, shard, 5]).integers(window); partner uniform "
+                       "over the other positions of the window",
+        "cutmix_box": "timm rand_bbox at the teacher's size, lam = 1 - box pixels / size**2 (cutmix_bbox_and_lam)",
     }
     if cfg.randaugment.enabled:
         ra = parse_randaugment(cfg.randaugment.spec)
@@ -274,14 +290,53 @@ def _sample_erase(rng: np.random.Generator, cfg: ViewsCfg) -> dict:
     return out
 
 
-def _sample_mix(rng: np.random.Generator, cfg: ViewsCfg, pos: int, shard_len: int) -> dict:
+@functools.lru_cache(maxsize=4096)
+def _window_offset(seed: int, epoch: int, shard: int, window: int) -> int:
+    return int(np.random.default_rng([seed, epoch, shard, _PART_WINDOW]).integers(window))
+
+
+def mix_window(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: int) -> tuple[int, int]:
+    """[start, stop): the mix window holding `pos` in cache epoch `epoch`. Windows are `cfg.mix.window`
+    positions long, start at an offset drawn from (seed, epoch, shard), and are cut at the shard's ends."""
+    window = cfg.mix.window
+    offset = _window_offset(cfg.seed, epoch, shard, window)
+    start = offset + (pos - offset) // window * window
+    return max(0, start), min(shard_len, start + window)
+
+
+def windows_covering(cfg: ViewsCfg, epoch: int, shard: int, start: int, stop: int, shard_len: int) -> tuple[int, int]:
+    """[start, stop) widened to whole mix windows of `epoch`: the positions a reader must hold so that every
+    view in [start, stop) finds its partner."""
+    if start >= stop:
+        return start, stop
+    return mix_window(cfg, epoch, shard, start, shard_len)[0], mix_window(cfg, epoch, shard, stop - 1, shard_len)[1]
+
+
+def mix_windows(cfg: ViewsCfg, epoch: int, shard: int, shard_len: int) -> list[tuple[int, int]]:
+    """The mix windows of a whole shard in cache epoch `epoch`, in order."""
+    out, pos = [], 0
+    while pos < shard_len:
+        out.append(mix_window(cfg, epoch, shard, pos, shard_len))
+        pos = out[-1][1]
+    return out
+
+
+def cutmix_box(lam: float, cy: int, cx: int, size: int) -> tuple[tuple[int, int, int, int], float]:
+    """timm's `rand_bbox` + `cutmix_bbox_and_lam` (correct_lam=True) on a size x size image, given the box
+    centre it would draw: ((yl, yh, xl, xh) in pixels, lam = 1 - box area / image area)."""
+    cut = int(size * math.sqrt(1.0 - lam))
+    yl, yh = min(max(cy - cut // 2, 0), size), min(max(cy + (cut + 1) // 2, 0), size)
+    xl, xh = min(max(cx - cut // 2, 0), size), min(max(cx + (cut + 1) // 2, 0), size)
+    return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(size * size)
+
+
+def _sample_mix(rng: np.random.Generator, cfg: ViewsCfg, window: tuple[int, int], pos: int, size: int) -> dict:
     """timm Mixup per element: mix with prob `prob`, cutmix vs mixup by `switch_prob`, lam ~ Beta(alpha,
-    alpha), the cutmix box from lam (rand_bbox, normalised) and lam corrected to the box area. The partner
-    is drawn uniformly from the other positions of p's aligned window; a window of one sample does not mix."""
+    alpha); cutmix draws timm's box in pixels at the teacher's `size` and corrects lam to its pixel area. The
+    partner is drawn uniformly from the other positions of p's mix `window`; a window of one does not mix."""
     out = {"mix_mode": 0, "mix_partner": pos, "mix_lam": 1.0, "mix_x0": 0.0, "mix_y0": 0.0, "mix_x1": 0.0, "mix_y1": 0.0}
     mix = cfg.mix
-    start = pos // mix.window * mix.window
-    stop = min(start + mix.window, shard_len)
+    start, stop = window
     if not mix.enabled or stop - start < 2 or rng.random() >= mix.prob:
         return out
     if mix.mixup_alpha > 0 and mix.cutmix_alpha > 0:
@@ -295,20 +350,19 @@ def _sample_mix(rng: np.random.Generator, cfg: ViewsCfg, pos: int, shard_len: in
         partner += 1
     out.update(mix_mode=MIX_MODES.index("cutmix" if cutmix else "mixup"), mix_partner=partner)
     if cutmix:
-        cut = math.sqrt(1.0 - lam)
-        cx, cy = rng.random(), rng.random()
-        x0, x1 = _quantise(cx - cut / 2), _quantise(cx + cut / 2)
-        y0, y1 = _quantise(cy - cut / 2), _quantise(cy + cut / 2)
-        out.update(mix_x0=x0, mix_y0=y0, mix_x1=x1, mix_y1=y1)
-        lam = 1.0 - (x1 - x0) * (y1 - y0)
+        cy, cx = int(rng.integers(size)), int(rng.integers(size))  # timm: randint(0, H), randint(0, W)
+        (yl, yh, xl, xh), lam = cutmix_box(lam, cy, cx, size)
+        out.update(mix_x0=_quantise(xl / size), mix_y0=_quantise(yl / size),
+                   mix_x1=_quantise(xh / size), mix_y1=_quantise(yh / size))
     out["mix_lam"] = float(np.float32(lam))
     return out
 
 
 def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: int,
-                  src_size: tuple[int, int]) -> np.ndarray:
+                  src_size: tuple[int, int], *, size: int) -> np.ndarray:
     """The float32 (N_PARAMS,) parameter vector of the view of `pos` in `shard` at cache epoch `epoch`.
-    `src_size` = (width, height) of the source image; `shard_len` bounds the mix window."""
+    `src_size` = (width, height) of the source image; `shard_len` bounds the mix window; `size` is the
+    teacher's resolution, at which the cutmix box is drawn in whole pixels (so lam is its exact area)."""
     check(cfg)
     where = f"view (epoch {epoch}, shard {shard}, position {pos})"
     for name, value in (("epoch", epoch), ("shard", shard), ("pos", pos)):
@@ -316,6 +370,8 @@ def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: in
             raise ValueError(f"{where}: {name}={value} must lie in [0, 2**24)")
     if not pos < shard_len <= MAX_INT:
         raise ValueError(f"{where}: shard_len={shard_len} must exceed the position and be at most 2**24")
+    if not 0 < size <= MAX_SIDE:
+        raise ValueError(f"{where}: view size {size} (the teacher's resolution) must lie in 1..{MAX_SIDE}")
     width, height = src_size
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise ValueError(f"{where}: source size {width}x{height} is outside 1..{MAX_SIDE} px a side; crop boxes "
@@ -328,7 +384,7 @@ def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: in
     values.update(_sample_crop(rng(_PART_CROP), cfg, width, height))
     values.update(_sample_randaugment(rng(_PART_RA), cfg))
     values.update(_sample_erase(rng(_PART_ERASE), cfg))
-    values.update(_sample_mix(rng(_PART_MIX), cfg, pos, shard_len))
+    values.update(_sample_mix(rng(_PART_MIX), cfg, mix_window(cfg, epoch, shard, pos, shard_len), pos, size))
     return np.array([values[f] for f in PARAM_FIELDS], dtype=np.float32)
 
 
@@ -484,14 +540,14 @@ def render(image: Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg,
 class ShardViews:
     """The final views of one shard's positions under one set of stored params, each position's unmixed view
     rendered once however many views mix with it (`render` would draw a partner again for every view that
-    mixes with it). `images` and `params` map a position to its source image and its parameter vector; the
-    unmixed views of the mix window last asked about are kept, so positions asked for in order, window by
-    window, render each unmixed view once. Used by every loop that renders a run of views: stage 1, the
-    student's reader and the cache checks."""
+    mixes with it). `images` and `params` map a position to its source image and its parameter vector. A
+    partner lies less than a mix window from its view, so when positions are asked for in order the unmixed
+    views more than `window - 1` positions behind are dropped: each unmixed view is rendered once and at most
+    2 * window - 1 are held. Used by every loop that renders a run of views: stage 1, the student's reader
+    and the cache checks."""
 
     def __init__(self, images, params, size: int, cfg: ViewsCfg):
         self.images, self.params, self.size, self.cfg = images, params, size, cfg
-        self._window: int | None = None
         self._unmixed: dict[int, np.ndarray] = {}
 
     def partner(self, pos: int) -> int:
@@ -501,9 +557,6 @@ class ShardViews:
         return pos if partner != pos and partner not in self.images else partner
 
     def unmixed(self, pos: int) -> np.ndarray:
-        window = pos // self.cfg.mix.window
-        if window != self._window:
-            self._window, self._unmixed = window, {}
         view = self._unmixed.get(pos)
         if view is None:
             view = self._unmixed[pos] = render_unmixed(self.images[pos], self.params[pos], self.size, self.cfg)
@@ -511,6 +564,9 @@ class ShardViews:
 
     def view(self, pos: int) -> np.ndarray:
         """The final view of `pos`, equal to `render` with its partner's image and params."""
+        reach = pos - (self.cfg.mix.window - 1)  # no view at pos or later mixes with a position before this
+        for old in [q for q in self._unmixed if q < reach]:
+            del self._unmixed[old]
         own = self.unmixed(pos)
         return mix(own, self.unmixed(self.partner(pos)), self.params[pos])
 

@@ -52,12 +52,13 @@ def with_fields(params, **values):
 
 def render_view(cfg, images, epoch, shard, pos, size):
     """What the cache does for one view: params of p and of its partner q, then the mixed render."""
-    params = V.sample_params(cfg, epoch, shard, pos, len(images), images[pos].size)
+    params = V.sample_params(cfg, epoch, shard, pos, len(images), images[pos].size, size=size)
     q, _ = V.mix_target(params)
-    partner = V.sample_params(cfg, epoch, shard, q, len(images), images[q].size)
+    partner = V.sample_params(cfg, epoch, shard, q, len(images), images[q].size, size=size)
     return params, V.render(images[pos], params, size, cfg, images[q], partner)
 
 
+SIZE = 24  # the teacher resolution the tests sample cutmix boxes at
 SHARD = [noise_image(40 + 3 * i, 36 - 2 * i, seed=i) for i in range(8)]
 
 
@@ -79,7 +80,7 @@ def test_same_key_same_view_and_each_key_part_changes_it():
 def test_params_and_views_do_not_depend_on_call_order():
     cfg = ViewsCfg()
     forward = {p: render_view(cfg, SHARD, 0, 1, p, 16) for p in range(5)}
-    V.sample_params(cfg, 0, 9, 0, 8, (40, 36))  # an unrelated draw in between
+    V.sample_params(cfg, 0, 9, 0, 8, (40, 36), size=SIZE)  # an unrelated draw in between
     backward = {p: render_view(cfg, SHARD, 0, 1, p, 16) for p in reversed(range(5))}
     for p in range(5):
         assert np.array_equal(forward[p][0], backward[p][0])
@@ -88,11 +89,11 @@ def test_params_and_views_do_not_depend_on_call_order():
 
 def test_switching_a_part_off_leaves_the_other_parts_draws_alone():
     a_field_of = {"crop": "crop_x0", "flip": "flip", "randaugment": "ra0_op", "erasing": "erase_seed", "mix": "mix_lam"}
-    full = [V.sample_params(ViewsCfg(), 0, 0, p, 8, (50, 40)) for p in range(8)]
+    full = [V.sample_params(ViewsCfg(), 0, 0, p, 8, (50, 40), size=SIZE) for p in range(8)]
     for part in PARTS:
         cfg = ViewsCfg()
         getattr(cfg, part).enabled = False
-        reduced = [V.sample_params(cfg, 0, 0, p, 8, (50, 40)) for p in range(8)]
+        reduced = [V.sample_params(cfg, 0, 0, p, 8, (50, 40), size=SIZE) for p in range(8)]
         for other, name in a_field_of.items():
             changed = [field(a, name) for a in full] != [field(b, name) for b in reduced]
             assert changed == (other == part), (part, name)
@@ -126,7 +127,7 @@ def test_params_are_float32_exact_and_replay_from_their_bytes():
     integers = ["interp", "flip", "erase", "erase_seed", "mix_mode", "mix_partner"]
     integers += [f"ra{i}_{k}" for i in range(V.MAX_RA_OPS) for k in ("op", "sign")]
     for p in range(len(SHARD)):
-        params = V.sample_params(cfg, 1, 0, p, len(SHARD), SHARD[p].size)
+        params = V.sample_params(cfg, 1, 0, p, len(SHARD), SHARD[p].size, size=SIZE)
         assert params.dtype == np.float32 and params.shape == (V.N_PARAMS,) and V.N_PARAMS == len(V.PARAM_FIELDS)
         assert np.array_equal(params.astype(np.float64).astype(np.float32), params)
         for name in coords:
@@ -137,14 +138,14 @@ def test_params_are_float32_exact_and_replay_from_their_bytes():
         # the bytes a cache would hold decode to the same view
         stored = np.frombuffer(params.tobytes(), dtype=np.float32)
         q, _ = V.mix_target(stored)
-        partner = np.frombuffer(V.sample_params(cfg, 1, 0, q, len(SHARD), SHARD[q].size).tobytes(), dtype=np.float32)
-        _, view = render_view(cfg, SHARD, 1, 0, p, 16)
-        replay = V.render(SHARD[p], stored, 16, cfg, SHARD[q], partner)
+        partner = np.frombuffer(V.sample_params(cfg, 1, 0, q, len(SHARD), SHARD[q].size, size=SIZE).tobytes(), dtype=np.float32)
+        _, view = render_view(cfg, SHARD, 1, 0, p, SIZE)
+        replay = V.render(SHARD[p], stored, SIZE, cfg, SHARD[q], partner)
         assert V.view_digest(replay) == V.view_digest(view)
 
 
 def test_describe_decodes_the_stored_fields():
-    params = V.sample_params(ViewsCfg(), 0, 0, 3, 8, (40, 30))
+    params = V.sample_params(ViewsCfg(), 0, 0, 3, 8, (40, 30), size=SIZE)
     d = V.describe(params)
     assert d["crop"]["box"] == [field(params, f"crop_{k}") for k in ("x0", "y0", "x1", "y1")]
     assert d["crop"]["interpolation"] == "bicubic"
@@ -187,7 +188,7 @@ def test_recipe_is_plain_data_that_tracks_the_config():
 def test_everything_off_at_the_source_size_is_the_source():
     cfg = only()
     image = noise_image(24, 24)
-    params = V.sample_params(cfg, 0, 0, 0, 1, image.size)
+    params = V.sample_params(cfg, 0, 0, 0, 1, image.size, size=SIZE)
     assert np.array_equal(V.render(image, params, 24, cfg), np.asarray(image))
     gray = image.convert("L")
     assert np.array_equal(V.render(gray, params, 24, cfg), np.asarray(gray.convert("RGB")))
@@ -197,7 +198,7 @@ def test_crop_off_is_a_plain_resize():
     for interpolation, mode in (("bicubic", InterpolationMode.BICUBIC), ("bilinear", InterpolationMode.BILINEAR)):
         cfg = only(crop={"enabled": False, "interpolation": interpolation})
         image = noise_image(30, 22)
-        params = V.sample_params(cfg, 0, 0, 0, 1, image.size)
+        params = V.sample_params(cfg, 0, 0, 0, 1, image.size, size=SIZE)
         assert np.array_equal(V.render(image, params, 16, cfg), np.asarray(TF.resize(image, [16, 16], interpolation=mode)))
 
 
@@ -206,7 +207,7 @@ def test_flip_only_mirrors_the_source_when_flip_is_set():
     image = noise_image(20, 20)
     seen = set()
     for p in range(12):
-        params = V.sample_params(cfg, 0, 0, p, 12, image.size)
+        params = V.sample_params(cfg, 0, 0, p, 12, image.size, size=SIZE)
         flip = field(params, "flip")
         expected = np.fliplr(np.asarray(image)) if flip else np.asarray(image)
         assert np.array_equal(V.render(image, params, 20, cfg), expected)
@@ -220,7 +221,7 @@ def test_crop_matches_torchvision_resized_crop_on_the_pixel_box():
     for interpolation in ("bicubic", "bilinear", "random"):
         cfg = only("crop", crop={"interpolation": interpolation})
         for p in range(10):
-            params = V.sample_params(cfg, 0, 0, p, 10, image.size)
+            params = V.sample_params(cfg, 0, 0, p, 10, image.size, size=SIZE)
             x0, y0, x1, y1 = V.describe(params)["crop"]["box"]
             pixels = np.array([x0 * width, y0 * height, x1 * width, y1 * height])
             box = np.round(pixels).astype(int)
@@ -235,12 +236,12 @@ def test_crop_matches_torchvision_resized_crop_on_the_pixel_box():
 
 def test_crop_falls_back_to_the_centre_crop_of_a_thin_image():
     # 200x10: every attempt needs h >= sqrt(0.08 * 2000 * 3/4) > 10, so torchvision's centre crop at ratio 4/3
-    params = V.sample_params(only("crop"), 0, 0, 0, 1, (200, 10))
+    params = V.sample_params(only("crop"), 0, 0, 0, 1, (200, 10), size=SIZE)
     x0, y0, x1, y1 = V.describe(params)["crop"]["box"]
     assert (round(x0 * 200), round(x1 * 200), round(y0 * 10), round(y1 * 10)) == (93, 106, 0, 10)
     # but a crop exactly as wide as the image is accepted (torchvision's `w <= width`), at a random top
     square = only("crop", crop={"scale": (0.5, 0.5), "ratio": (1.0, 1.0)})
-    tops = {V.describe(V.sample_params(square, 0, 0, p, 20, (10, 20)))["crop"]["box"][1] * 20 for p in range(20)}
+    tops = {V.describe(V.sample_params(square, 0, 0, p, 20, (10, 20), size=SIZE))["crop"]["box"][1] * 20 for p in range(20)}
     assert len(tops) > 3
 
 
@@ -250,7 +251,7 @@ def test_each_randaugment_op_matches_timm(name):
     sign of +1 is timm's un-negated argument and -1 its negated one."""
     cfg = only("randaugment")
     image = smooth_image(24, 24)
-    base = V.sample_params(cfg, 0, 0, 0, 1, image.size)
+    base = V.sample_params(cfg, 0, 0, 0, 1, image.size, size=SIZE)
     base = with_fields(base, **{f"ra{i}_op": -1 for i in range(V.MAX_RA_OPS)})
     signs = (1, -1) if name in V._SIGNED_LEVEL_TO_ARG else (0,)
     ours = {sign: V.render(image, with_fields(base, ra0_op=V.RA_OP_NAMES.index(name), ra0_mag=7.25, ra0_sign=sign), 24, cfg)
@@ -274,11 +275,11 @@ def test_randaugment_spec_sections_take_effect():
     fixed = only("randaugment", randaugment={"spec": "rand-m5-n3-p1.0"})
     plain_ops = set(V.parse_randaugment("rand-m5-n3-p1.0").ops)
     for p in range(30):
-        ops = V.describe(V.sample_params(fixed, 0, 0, p, 30, (20, 20)))["randaugment"]
+        ops = V.describe(V.sample_params(fixed, 0, 0, p, 30, (20, 20), size=SIZE))["randaugment"]
         assert len(ops) == 3 and all(op["magnitude"] == 5 for op in ops)
         assert {op["op"] for op in ops} <= plain_ops and "Posterize" in plain_ops and "PosterizeIncreasing" not in plain_ops
     uniform = only("randaugment", randaugment={"spec": "rand-m4-mstd101-p1"})
-    mags = [op["magnitude"] for p in range(100) for op in V.describe(V.sample_params(uniform, 0, 0, p, 100, (20, 20)))["randaugment"]]
+    mags = [op["magnitude"] for p in range(100) for op in V.describe(V.sample_params(uniform, 0, 0, p, 100, (20, 20), size=SIZE))["randaugment"]]
     assert 0 <= min(mags) < 1 and 3 < max(mags) <= 4 and 1.6 < np.mean(mags) < 2.4
 
 
@@ -286,7 +287,7 @@ def test_erasing_replaces_only_its_box_with_replayable_noise():
     image = noise_image(32, 32)
     for mode in ("pixel", "const"):
         cfg = only("erasing", erasing={"prob": 1.0, "mode": mode})
-        params = V.sample_params(cfg, 0, 0, 0, 1, image.size)
+        params = V.sample_params(cfg, 0, 0, 0, 1, image.size, size=SIZE)
         erase = V.describe(params)["erase"]
         x0, y0, x1, y1 = (round(v * 32) for v in erase["box"])
         view = V.render(image, params, 32, cfg)
@@ -311,8 +312,8 @@ def test_one_set_of_params_gives_the_same_geometry_at_any_size():
 
     for cfg, limit in ((only("crop", "flip"), 3.0), (only("crop", "flip", "randaugment"), None)):
         for p in range(10):
-            params = V.sample_params(cfg, 0, 0, p, 10, image.size)
-            control = V.sample_params(cfg, 0, 0, (p + 1) % 10, 10, image.size)
+            params = V.sample_params(cfg, 0, 0, p, 10, image.size, size=SIZE)
+            control = V.sample_params(cfg, 0, 0, (p + 1) % 10, 10, image.size, size=SIZE)
             large, small = down(V.render(image, params, 64, cfg)), V.render(image, params, 32, cfg)
             gap = np.abs(large - small).mean()
             control_gap = np.abs(large - V.render(image, control, 32, cfg)).mean()
@@ -328,7 +329,7 @@ def mixed_view(cfg, mode):
         params, view = render_view(cfg, SHARD, 0, 0, p, 24)
         if (V.describe(params)["mix"] or {}).get("mode") == mode:
             q, _ = V.mix_target(params)
-            partner = V.sample_params(cfg, 0, 0, q, len(SHARD), SHARD[q].size)
+            partner = V.sample_params(cfg, 0, 0, q, len(SHARD), SHARD[q].size, size=SIZE)
             return params, view, V.render_unmixed(SHARD[p], params, 24, cfg), V.render_unmixed(SHARD[q], partner, 24, cfg)
     raise AssertionError(f"no {mode} view in the shard")
 
@@ -356,7 +357,7 @@ def test_mixup_is_the_rounded_blend():
 
 def _first_with_mode(cfg, mode, shard_len=16):
     for p in range(shard_len):
-        params = V.sample_params(cfg, 0, 0, p, shard_len, (40, 40))
+        params = V.sample_params(cfg, 0, 0, p, shard_len, (40, 40), size=SIZE)
         if V.MIX_MODES[int(field(params, "mix_mode"))] == mode:
             return params
     raise AssertionError(f"no {mode} view")
@@ -382,7 +383,7 @@ def test_mix_alone_blends_or_pastes_exactly_as_the_params_say():
     assert box.any() and not box.all()
     assert np.array_equal(mixed[box], other[box]) and np.array_equal(mixed[~box], own[~box])
     # no mix: the view itself; the inputs are never changed
-    lone = V.sample_params(ViewsCfg(), 0, 0, 32, 33, (8, 8))
+    lone = V.sample_params(ViewsCfg(), 0, 0, 0, 1, (8, 8), size=SIZE)
     assert V.mix(own, other, lone) is own
     assert np.array_equal(own, kept[0]) and np.array_equal(other, kept[1])
 
@@ -393,7 +394,7 @@ def test_render_is_render_unmixed_then_mix():
     for p in range(len(SHARD)):
         params, view = render_view(cfg, SHARD, 1, 3, p, 20)
         q, _ = V.mix_target(params)
-        partner = V.sample_params(cfg, 1, 3, q, len(SHARD), SHARD[q].size)
+        partner = V.sample_params(cfg, 1, 3, q, len(SHARD), SHARD[q].size, size=SIZE)
         parts = V.render_unmixed(SHARD[p], params, 20, cfg), V.render_unmixed(SHARD[q], partner, 20, cfg)
         assert np.array_equal(V.mix(*parts, params), view)
         modes.add(V.describe(params)["mix"]["mode"] if V.describe(params)["mix"] else "none")
@@ -404,7 +405,7 @@ def test_shard_views_render_each_unmixed_view_once_and_equal_render(monkeypatch)
     cfg = ViewsCfg()
     cfg.mix.window = 4  # two windows in the shard
     n = len(SHARD)
-    params = {p: V.sample_params(cfg, 0, 7, p, n, SHARD[p].size) for p in range(n)}
+    params = {p: V.sample_params(cfg, 0, 7, p, n, SHARD[p].size, size=SIZE) for p in range(n)}
     # a partner skipped as a bad sample: the view mixes with itself, as stage 1 did
     q = V.mix_target(params[5])[0]
     images = {p: SHARD[p] for p in range(n) if p != q}
@@ -427,26 +428,27 @@ def test_shard_views_render_each_unmixed_view_once_and_equal_render(monkeypatch)
 def test_param_statistics_follow_the_recipe():
     cfg = ViewsCfg()
     shard_len, window = 37, cfg.mix.window  # blocks [0,16) [16,32) [32,37)
-    draws = [(p, V.sample_params(cfg, e, s, p, shard_len, (4000, 3000)))
+    draws = [(p, V.sample_params(cfg, e, s, p, shard_len, (4000, 3000), size=SIZE))
              for e in range(9) for s in range(6) for p in range(shard_len)]  # 1,998 views
     d = [V.describe(params) for _, params in draws]
     assert abs(np.mean([v["flip"] for v in d]) - 0.5) < 0.045
     assert abs(np.mean([v["erase"] is not None for v in d]) - 0.25) < 0.04
-    modes = [v["mix"]["mode"] for v in d]  # mix prob 1.0, every block holds >1 sample
+    lone = [V.mix_window(cfg, e, s, p, shard_len) for e in range(9) for s in range(6) for p in range(shard_len)]
+    modes = [v["mix"]["mode"] for v, (a, b) in zip(d, lone) if b - a > 1]  # mix prob 1.0; a window of one never mixes
+    assert all(v["mix"] is None for v, (a, b) in zip(d, lone) if b - a == 1)
     assert abs(modes.count("cutmix") / len(modes) - 0.5) < 0.045
-    assert abs(np.mean([v["mix"]["lam"] for v in d if v["mix"]["mode"] == "mixup"]) - 0.5) < 0.04
+    assert abs(np.mean([v["mix"]["lam"] for v in d if v["mix"] and v["mix"]["mode"] == "mixup"]) - 0.5) < 0.04
     for v in d:
         x0, y0, x1, y1 = v["crop"]["box"]
         assert 0.08 - 1e-3 <= (x1 - x0) * (y1 - y0) <= 1
         assert 3 / 4 - 1e-2 <= (x1 - x0) * 4000 / ((y1 - y0) * 3000) <= 4 / 3 + 1e-2
-        if v["mix"]["mode"] == "cutmix":
-            bx0, by0, bx1, by1 = v["mix"]["box"]
-            assert v["mix"]["lam"] == np.float32(1 - (bx1 - bx0) * (by1 - by0))
-            if 0 < bx0 and bx1 < 1 and 0 < by0 and by1 < 1:  # timm's rand_bbox: a square of side sqrt(1 - lam)
-                assert abs((bx1 - bx0) - (by1 - by0)) <= 2**-15
-    for (p, _), v in zip(draws, d):
-        start = p // window * window
-        assert start <= v["mix"]["partner"] < min(start + window, shard_len) and v["mix"]["partner"] != p
+        if v["mix"] and v["mix"]["mode"] == "cutmix":  # whole pixels at the teacher's size, lam = their share
+            x0, y0, x1, y1 = (V._px(b, SIZE) for b in v["mix"]["box"])
+            assert v["mix"]["lam"] == np.float32(1 - (x1 - x0) * (y1 - y0) / SIZE**2)
+            if 0 < x0 and x1 < SIZE and 0 < y0 and y1 < SIZE:  # timm's rand_bbox: a square of side sqrt(1 - lam)
+                assert x1 - x0 == y1 - y0
+    for (p, _), v, (a, b) in zip(draws, d, lone):  # the partner: another position less than a window away
+        assert v["mix"] is None or (a <= v["mix"]["partner"] < b and v["mix"]["partner"] != p and b - a <= window)
     ra = [op for v in d for op in v["randaugment"]]
     assert abs(len(ra) / len(d) - 1.0) < 0.06  # 2 ops, each applied with prob 0.5
     assert set(op["op"] for op in ra) == set(V.parse_randaugment(cfg.randaugment.spec).ops)
@@ -459,13 +461,13 @@ def test_param_statistics_follow_the_recipe():
 
 def test_mix_probability_single_alpha_and_lone_samples():
     rare = only("mix", mix={"prob": 0.3})
-    mixed = [V.mix_target(V.sample_params(rare, 0, s, p, 16, (8, 8)))[1] < 1 for s in range(20) for p in range(16)]
+    mixed = [V.mix_target(V.sample_params(rare, 0, s, p, 16, (8, 8), size=SIZE))[1] < 1 for s in range(20) for p in range(16)]
     assert abs(np.mean(mixed) - 0.3) < 0.06
     mixup_only = only("mix", mix={"cutmix_alpha": 0.0})
-    assert {V.describe(V.sample_params(mixup_only, 0, 0, p, 16, (8, 8)))["mix"]["mode"] for p in range(16)} == {"mixup"}
-    # position 32 is alone in its block [32, 33): it mixes with nobody, and its target is itself
-    lone = V.sample_params(ViewsCfg(), 0, 0, 32, 33, (8, 8))
-    assert V.describe(lone)["mix"] is None and V.mix_target(lone) == (32, 1.0)
+    assert {V.describe(V.sample_params(mixup_only, 0, 0, p, 16, (8, 8), size=SIZE))["mix"]["mode"] for p in range(16)} == {"mixup"}
+    # a shard of one sample: it mixes with nobody, and its target is itself
+    lone = V.sample_params(ViewsCfg(), 0, 0, 0, 1, (8, 8), size=SIZE)
+    assert V.describe(lone)["mix"] is None and V.mix_target(lone) == (0, 1.0)
     assert np.array_equal(V.render(SHARD[0], lone, 8, ViewsCfg()), V.render_unmixed(SHARD[0], lone, 8, ViewsCfg()))
 
 
@@ -486,7 +488,7 @@ def test_bad_randaugment_spec_names_the_section(spec, fragment):
     cfg = ViewsCfg()
     cfg.randaugment.spec = spec
     with pytest.raises(ManifestError, match=f"views.randaugment.spec='{spec}'.*{fragment}"):
-        V.sample_params(cfg, 0, 0, 0, 1, (8, 8))
+        V.sample_params(cfg, 0, 0, 0, 1, (8, 8), size=SIZE)
 
 
 def test_an_op_set_this_recipe_version_cannot_store_is_refused(monkeypatch):
@@ -502,28 +504,28 @@ def test_an_op_set_this_recipe_version_cannot_store_is_refused(monkeypatch):
 def test_bad_recipe_values_name_the_key():
     no_alpha = only("mix", mix={"mixup_alpha": 0.0, "cutmix_alpha": 0.0})
     with pytest.raises(ManifestError, match="views.mix.mixup_alpha and views.mix.cutmix_alpha are both 0"):
-        V.sample_params(no_alpha, 0, 0, 0, 2, (8, 8))
+        V.sample_params(no_alpha, 0, 0, 0, 2, (8, 8), size=SIZE)
     with pytest.raises(ManifestError, match=r"views.mix.mixup_alpha=-1.0 .* must be >= 0"):
         V.recipe(only("mix", mix={"mixup_alpha": -1.0}))
     with pytest.raises(ManifestError, match="views.seed=-1 must be a non-negative integer"):
-        V.sample_params(ViewsCfg(seed=-1), 0, 0, 0, 1, (8, 8))
+        V.sample_params(ViewsCfg(seed=-1), 0, 0, 0, 1, (8, 8), size=SIZE)
     with pytest.raises(ManifestError, match=r"views.crop.ratio=\[1.5, 1.0\] must satisfy"):
-        V.sample_params(only("crop", crop={"ratio": (1.5, 1.0)}), 0, 0, 0, 1, (8, 8))
+        V.sample_params(only("crop", crop={"ratio": (1.5, 1.0)}), 0, 0, 0, 1, (8, 8), size=SIZE)
 
 
 def test_bad_sample_keys_name_the_view():
     cfg = ViewsCfg()
     with pytest.raises(ValueError, match=r"view \(epoch 0, shard 2, position 5\): shard_len=5 must exceed the position"):
-        V.sample_params(cfg, 0, 2, 5, 5, (8, 8))
+        V.sample_params(cfg, 0, 2, 5, 5, (8, 8), size=SIZE)
     with pytest.raises(ValueError, match=r"epoch=-1 must lie in \[0, 2\*\*24\)"):
-        V.sample_params(cfg, -1, 0, 0, 1, (8, 8))
+        V.sample_params(cfg, -1, 0, 0, 1, (8, 8), size=SIZE)
     with pytest.raises(ValueError, match=r"position 0\): source size 40000x30 is outside .* downscale the image"):
-        V.sample_params(cfg, 0, 0, 0, 1, (40000, 30))
+        V.sample_params(cfg, 0, 0, 0, 1, (40000, 30), size=SIZE)
 
 
 def test_bad_params_and_missing_partner_are_reported():
     cfg = ViewsCfg()
-    params = V.sample_params(cfg, 0, 0, 0, 8, (8, 8))
+    params = V.sample_params(cfg, 0, 0, 0, 8, (8, 8), size=SIZE)
     with pytest.raises(ValueError, match=r"float32 vector of 31 values .* got shape \(30,\) dtype float32"):
         V.render(SHARD[0], params[:-1], 8, cfg)
     with pytest.raises(ValueError, match=r"got shape \(31,\) dtype float64"):
@@ -540,3 +542,105 @@ def test_bad_params_and_missing_partner_are_reported():
         V.mix(np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4, 3), np.uint8), _first_with_mode(cfg, "cutmix"))
     with pytest.raises(ValueError, match="view_digest takes the uint8 view .* got dtype float32"):
         V.view_digest(np.zeros((2, 2, 3), np.float32))
+
+
+# --------------------------------------------------------------------------------------------- mix partners
+
+
+def _partners(cfg, epochs, shard_len, shard=0):
+    """partners[e][p]: the position p mixes with in cache epoch e (p itself when unmixed)."""
+    return [[V.mix_target(V.sample_params(cfg, e, shard, p, shard_len, (8, 8), size=SIZE))[0]
+             for p in range(shard_len)] for e in range(epochs)]
+
+
+def test_mix_partners_change_with_the_epoch_within_two_windows():
+    cfg = only("mix")
+    window, shard_len = cfg.mix.window, 64
+    partners = _partners(cfg, 32, shard_len)
+    inner = range(window, shard_len - window)  # positions with 2 (W - 1) neighbours on both sides
+
+    def distinct(epochs):
+        return np.mean([len({partners[e][p] for e in range(epochs)} - {p}) for p in inner])
+
+    growth = [distinct(e) for e in (1, 2, 4, 8, 32)]
+    assert growth[0] == 1 and all(a < b for a, b in zip(growth, growth[1:])), growth
+    # a window aligned the same way every epoch caps this at W - 1; the README promises up to 2 (W - 1)
+    assert window - 1 < growth[-1] <= 2 * (window - 1), growth
+    # every partner is less than a window away (a reader holding p's windows holds it)
+    assert all(abs(partners[e][p] - p) < window for e in range(32) for p in range(shard_len))
+    # the windows really move: their starts are not all multiples of W
+    starts = {V.mix_window(cfg, e, 0, 20, shard_len)[0] for e in range(32)}
+    assert len(starts) > 4 and any(s % window for s in starts)
+
+
+def test_partner_labels_follow_the_shards_label_distribution():
+    cfg = only("mix")
+    rng = np.random.default_rng(0)
+    shard_len, classes = 1024, 5
+    labels = rng.choice(classes, size=shard_len, p=[0.4, 0.3, 0.15, 0.1, 0.05])  # a shuffled, skewed shard
+    partners = np.array(_partners(cfg, 4, shard_len, shard=3))
+    mixed = partners != np.arange(shard_len)
+    got = np.bincount(labels[partners[mixed]], minlength=classes) / mixed.sum()
+    want = np.bincount(labels, minlength=classes) / shard_len
+    assert np.abs(got - want).sum() / 2 < 0.03, (got, want)  # total variation; ~0.01 expected at 4k draws
+
+
+def test_windows_covering_holds_every_partner_of_a_span():
+    cfg = only("mix", mix={"window": 7})
+    shard_len = 50
+    partners = _partners(cfg, 6, shard_len)
+    rng = np.random.default_rng(1)
+    for e in range(6):
+        assert [p for a, b in V.mix_windows(cfg, e, 0, shard_len) for p in range(a, b)] == list(range(shard_len))
+        for _ in range(20):
+            start = int(rng.integers(shard_len))
+            stop = int(rng.integers(start + 1, shard_len + 1))
+            lo, hi = V.windows_covering(cfg, e, 0, start, stop, shard_len)
+            assert all(lo <= partners[e][p] < hi for p in range(start, stop))
+            assert lo > start - 7 and hi < stop + 7
+
+
+def test_shard_views_with_moving_windows_equal_render():
+    cfg = ViewsCfg()
+    n = len(SHARD)
+    for epoch in range(3):
+        params = {p: V.sample_params(cfg, epoch, 2, p, n, SHARD[p].size, size=SIZE) for p in range(n)}
+        rendered = V.ShardViews(dict(enumerate(SHARD)), params, SIZE, cfg)
+        for p in range(n):
+            q, _ = V.mix_target(params[p])
+            assert np.array_equal(rendered.view(p), V.render(SHARD[p], params[p], SIZE, cfg, SHARD[q], params[q]))
+
+
+# --------------------------------------------------------------------------------------------- cutmix lambda
+
+
+def test_cutmix_box_and_lambda_are_timms():
+    from timm.data.mixup import cutmix_bbox_and_lam
+
+    rng = np.random.default_rng(0)
+    for k in range(300):
+        size, lam = int(rng.integers(5, 240)), float(rng.beta(1.0, 1.0))
+        np.random.seed(k)
+        (yl, yu, xl, xu), timm_lam = cutmix_bbox_and_lam((3, size, size), lam)
+        np.random.seed(k)  # the same centre timm drew: randint(0, H), then randint(0, W)
+        cy, cx = np.random.randint(0, size), np.random.randint(0, size)
+        box, ours = V.cutmix_box(lam, cy, cx, size)
+        assert box == (yl, yu, xl, xu) and ours == timm_lam
+
+
+@pytest.mark.parametrize("size", [24, 37])
+def test_stored_cutmix_lambda_is_the_pixel_share_the_teacher_saw(size):
+    cfg = only("mix", mix={"mixup_alpha": 0.0})
+    own, other = Image.new("RGB", (30, 20), (0, 0, 0)), Image.new("RGB", (30, 20), (255, 255, 255))
+    checked = 0
+    for p in range(16):
+        params = V.sample_params(cfg, 0, 0, p, 16, own.size, size=size)
+        q, lam = V.mix_target(params)
+        if q == p:
+            continue
+        partner = V.sample_params(cfg, 0, 0, q, 16, other.size, size=size)
+        view = V.render(own, params, size, cfg, other, partner)
+        partner_share = float((view == 255).all(-1).mean())
+        assert lam == np.float32(1.0 - partner_share)
+        checked += 1
+    assert checked > 8
