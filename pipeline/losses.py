@@ -123,17 +123,28 @@ def _hard_part(dist_logits, target, cached, tau, labelled):
     return F.cross_entropy(dist_logits, teacher_argmax(cached["topk_ids"]))
 
 
+def _no_part(dist_logits, target, cached, tau, labelled):
+    """DeiT's `none`: the distillation head is not in the loss. A zero that keeps it in the graph (zero
+    gradients), so DDP finds every parameter used."""
+    return dist_logits.sum() * 0.0
+
+
 DistillationPart = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], float, torch.Tensor | None],
                             torch.Tensor]
 
 # What the distillation head learns, per mode: signature (dist_logits, target, cached, tau, labelled) -> scalar;
 # the teacher answers every view, so only the ground-truth part looks at `labelled`.
 DISTILLATION_PARTS: dict[str, DistillationPart] = {
-    "none": _ground_truth_part,
+    "none": _ground_truth_part,  # both heads on the ground truth (this project's baseline, weight 0.5 each)
     "soft": _soft_part,
     "hard": _hard_part,
+    "deit_none": _no_part,  # DeiT's distillation_type none: the class head alone
 }
 DISTILLATION_MODES = tuple(DISTILLATION_PARTS)
+GROUND_TRUTH_MODES = ("none", "deit_none")  # modes that never read the teacher's answers
+# The head whose top-1 is a mode's headline: DeiT evaluates a model trained without distillation on its class
+# head (its `none` trains no distillation head); a distilled model on the average of both heads.
+HEADLINE_HEAD = {"none": "joint", "soft": "joint", "hard": "joint", "deit_none": "class"}
 CACHED_FIELDS = ("topk_logits", "topk_ids", "lse")
 
 
@@ -150,11 +161,14 @@ def deit_loss(
     """DeiT's distillation loss on the two heads; returns the named parts `loss`, `base`, `distill`.
 
     `target` is the [B, C] mixed, smoothed ground truth; `cached` holds the teacher's answers for these
-    exact views (`topk_logits`, `topk_ids`, `lse`; unused, and may be None, in mode "none").
+    exact views (`topk_logits`, `topk_ids`, `lse`; unused, and may be None, in the ground-truth modes).
     `base` is soft-target cross-entropy of the class head on `target`. For "soft" and "hard",
-    `loss = (1 - alpha) * base + alpha * distill` as in DeiT. For "none" the student keeps both heads (one
-    model for every mode, evaluated the same way) and the distillation head also learns the ground truth:
-    `distill` is its soft-target cross-entropy and `loss = (base + distill) / 2`, whatever alpha is.
+    `loss = (1 - alpha) * base + alpha * distill` as in DeiT. Two baselines without a teacher:
+    "none" (this project's, both heads on the ground truth): the student keeps both heads (one model for every
+    mode, evaluated the same way) and the distillation head also learns the ground truth: `distill` is its
+    soft-target cross-entropy and `loss = (base + distill) / 2`, whatever alpha is. "deit_none" (DeiT's
+    `distillation_type none`): `loss = base`, the distillation head gets no gradient (`distill` is 0), and the
+    headline is the class head's top-1 (`HEADLINE_HEAD`).
     `labelled` [B] bool marks the views whose ground truth may be used (a smaller labelled split): the
     ground-truth terms average over those alone, the teacher's terms over every view.
     """
@@ -162,7 +176,7 @@ def deit_loss(
         raise ValueError(f"unknown distillation mode {mode!r}; valid modes: {', '.join(DISTILLATION_MODES)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"distillation weight alpha must lie in [0, 1], got {alpha}; set student.alpha")
-    if mode != "none":
+    if mode not in GROUND_TRUTH_MODES:
         absent = [name for name in CACHED_FIELDS if cached is None or name not in cached]
         if absent:
             raise ValueError(
@@ -171,5 +185,5 @@ def deit_loss(
             )
     base = ground_truth_cross_entropy(class_logits, target, labelled)
     distill = DISTILLATION_PARTS[mode](dist_logits, target, cached, tau, labelled)
-    weight = 0.5 if mode == "none" else alpha
+    weight = {"none": 0.5, "deit_none": 0.0}.get(mode, alpha)
     return {"loss": (1.0 - weight) * base + weight * distill, "base": base, "distill": distill}

@@ -147,7 +147,8 @@ class StudentCfg:
     model_args: dict[str, Any] = field(default_factory=dict)
     img_size: int = 224
     patch_size: int = 16
-    distillation: Literal["none", "soft", "hard"] = "hard"
+    # none: both heads on the ground truth; deit_none: DeiT's (class head only); soft/hard: DeiT's distillation
+    distillation: Literal["none", "soft", "hard", "deit_none"] = "hard"
     alpha: float = 0.5
     tau: float = 1.0
     epochs: int = 300

@@ -8,6 +8,7 @@ from timm.data.mixup import mixup_target
 
 from pipeline.losses import (
     DISTILLATION_MODES,
+    HEADLINE_HEAD,
     deit_loss,
     mixed_target,
     sparse_teacher_log_probs,
@@ -262,12 +263,38 @@ def test_gradients_reach_both_heads(mode):
     target = mixed_target(torch.arange(batch), torch.arange(batch).flip(0), torch.rand(batch), num_classes, 0.1)
     deit_loss(class_logits, dist_logits, target, cached, mode, 0.5, 2.0)["loss"].backward()
     for grad in (class_logits.grad, dist_logits.grad):
-        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        assert torch.isfinite(grad).all()
+    assert class_logits.grad.abs().sum() > 0
+    # DeiT's `none` leaves the distillation head out of the loss: it is in the graph with zero gradient
+    assert (dist_logits.grad.abs().sum() > 0) == (mode != "deit_none")
+
+
+def test_deit_none_is_deits_base_loss_alone():
+    """facebookresearch/deit DistillationLoss with distillation_type 'none' returns
+    `base_criterion(outputs, labels)`: timm's SoftTargetCrossEntropy of the class head on the mixed target,
+    computed here in float64 by timm's own class, whatever alpha and tau are."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    rng = np.random.default_rng(7)
+    batch, num_classes = 5, 9
+    class64, dist64 = (torch.tensor(rng.normal(size=(batch, num_classes)) * 2, requires_grad=True) for _ in range(2))
+    target = mixed_target(torch.tensor([0, 3, 3, 8, 1]), torch.tensor([2, 2, 5, 0, 1]), torch.rand(batch), num_classes, 0.1)
+    expected = SoftTargetCrossEntropy()(class64, target.double())
+    expected.backward()
+    class32 = class64.detach().float().requires_grad_()
+    dist32 = dist64.detach().float().requires_grad_()
+    parts = deit_loss(class32, dist32, target, None, "deit_none", 0.7, 3.0)
+    parts["loss"].backward()
+    assert parts["loss"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert parts["base"].item() == parts["loss"].item() and parts["distill"].item() == 0.0
+    assert torch.allclose(class32.grad.double(), class64.grad, atol=1e-7)
+    assert not dist32.grad.any()
+    assert HEADLINE_HEAD["deit_none"] == "class" and HEADLINE_HEAD["none"] == "joint"
 
 
 def test_unknown_mode_lists_the_valid_modes():
     logits = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match=r"unknown distillation mode 'kd'; valid modes: none, soft, hard"):
+    with pytest.raises(ValueError, match=r"unknown distillation mode 'kd'; valid modes: none, soft, hard, deit_none"):
         deit_loss(logits, logits, logits, None, "kd", 0.5, 1.0)
 
 
