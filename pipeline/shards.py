@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -231,7 +232,7 @@ def build_shardlist(paths: Iterable[str | Path], out: str | Path | None = None,
     if len(set(map(os.path.abspath, paths))) < len(paths):
         twice = next(p for p in paths if paths.count(p) > 1)
         raise ShardError(f"shard {twice} is given twice: list each shard once")
-    entries, top = [], None  # top: (label, url, key) of the largest label seen
+    entries, top, shard_labels = [], None, []  # top: (label, url, key) of the largest label seen
     for path in paths:
         if not os.path.isfile(path):
             raise ShardError(f"shard {path} does not exist: check the path or the glob")
@@ -242,6 +243,7 @@ def build_shardlist(paths: Iterable[str | Path], out: str | Path | None = None,
             if label is not None and (top is None or label > top[0]):
                 top = (label, path, key)
         entries.append((path, len(scanned), _sha256(path)))
+        shard_labels.append([label for _, label in scanned])
     if classes is None:
         if top is None:
             raise ShardError(f"no sample in {paths[0]}... has an integer `cls` member: give the class names "
@@ -251,6 +253,7 @@ def build_shardlist(paths: Iterable[str | Path], out: str | Path | None = None,
     if top is not None and top[0] >= len(classes):
         raise ShardError(f"shard {top[1]}: sample {top[2]!r} has label {top[0]}, outside the {len(classes)} "
                          f"given classes: pass the full class map or fix the `cls` member")
+    warn_if_class_ordered(paths, shard_labels, len(classes))
     base = os.path.dirname(os.path.abspath(out)) if out is not None else None
     shards = [{"url": os.path.relpath(os.path.abspath(p), base) if base else os.path.abspath(p),
                "samples": n, "sha256": sha} for p, n, sha in entries]
@@ -258,6 +261,50 @@ def build_shardlist(paths: Iterable[str | Path], out: str | Path | None = None,
     if out is not None:
         _write_atomic(Path(out), _json_bytes(shardlist))
     return shardlist
+
+
+# --------------------------------------------------------------------------------------------- class order
+
+
+def class_order(labels: Iterable[int | None], num_classes: int) -> tuple[float, float, int]:
+    """(share of neighbouring positions holding the same label, the share a shuffled shard drawn from the
+    labels' overall class mix would give, the longest run of one label). Unlabelled positions break runs."""
+    labels = np.array([-1 if x is None else x for x in labels], np.int64)
+    if len(labels) < 2:
+        return 0.0, 0.0, len(labels)
+    same = (labels[1:] == labels[:-1]) & (labels[1:] >= 0)
+    changes = np.flatnonzero(~same)
+    longest = int(np.diff(np.concatenate([[-1], changes, [len(same)]])).max())
+    share = np.bincount(labels[labels >= 0], minlength=num_classes) / max(1, int((labels >= 0).sum()))
+    return float(same.mean()), float((share ** 2).sum()), longest
+
+
+def class_order_warning(url: str, labels: Iterable[int | None], num_classes: int, window: int = 16) -> str | None:
+    """A warning text when shard `url` looks written in class order: a run of one label at least a mix window
+    long, and neighbours sharing a label far more often than a shuffled shard of `num_classes` equally
+    common classes would (halfway from 1/num_classes to always). Mix partners come from the same few shard
+    positions (`views.mix_window`), so such a shard pairs almost every image with its own class."""
+    same, _, longest = class_order(labels, num_classes)
+    shuffled = 1.0 / max(1, num_classes)
+    if longest < window or same <= (1.0 + shuffled) / 2:
+        return None
+    return (f"shard {url} looks written in class order: {same:.0%} of neighbouring samples share a label (about "
+            f"{shuffled:.0%} in a shuffled shard) and one label runs {longest} samples in a row. Mix partners are "
+            f"drawn from a window of {window} neighbouring positions of the same shard, so most mixes would pair an "
+            f"image with its own class. Reshuffle: write the shards from the image tree with "
+            f"`make shards SRC=<ImageFolder dir>` (one global shuffle), or shuffle the samples when writing them")
+
+
+def warn_if_class_ordered(urls: list[str], labels_per_shard: list[list[int | None]], num_classes: int,
+                          window: int = 16) -> int:
+    """Warn once (naming the first shard and the count) when shards look written in class order; returns
+    how many do."""
+    found = [w for url, labels in zip(urls, labels_per_shard)
+             if (w := class_order_warning(url, labels, num_classes, window))]
+    if found:
+        more = f" ({len(found)} of {len(urls)} shards look like this)" if len(found) > 1 else ""
+        warnings.warn(found[0] + more, stacklevel=2)
+    return len(found)
 
 
 def load_class_map(path: str | Path) -> list[str]:

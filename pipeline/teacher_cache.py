@@ -23,8 +23,8 @@ from tqdm import tqdm
 from pipeline import cache, views
 from pipeline.lock import writer_lock
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.reader import read_shard
-from pipeline.shards import ShardList, load_shardlist
+from pipeline.reader import read_shard, scan_shard
+from pipeline.shards import ShardList, load_shardlist, warn_if_class_ordered
 from pipeline.teacher import Teacher, load_teacher, normalize
 
 VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy")
@@ -242,6 +242,10 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
     if lists["val"].classes != lists["train"].classes:
         raise ManifestError(f"the class maps of {m.data.train} and {m.data.val} differ: rebuild the shards")
     layouts = layouts_for(m, lists["train"], lists["val"])
+    if rank == 0:  # a sorted dump is sorted throughout: its first shard tells (read without decoding)
+        first = lists["train"].shards[0].url
+        warn_if_class_ordered([first], [[label for _, label in scan_shard(first)]], len(lists["train"].classes),
+                              m.views.mix.window)
     device = pick_device(m.cache.device)
     teacher = load_teacher(m.teacher, len(lists["train"].classes), device)
     attrs = cache_attrs(m, lists["train"], lists["val"], teacher.identity)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from sklearn.datasets import load_digits
 
 from pipeline.cli import main
 from pipeline.reader import ShardError, read_shard
-from pipeline.shards import build_shardlist, load_class_map, load_shardlist, write_imagefolder
+from pipeline.shards import (build_shardlist, class_order, class_order_warning, load_class_map, load_shardlist,
+                             write_imagefolder)
 
 
 def all_samples(shardlist, decode=True):
@@ -295,3 +297,49 @@ def test_shard_size_must_be_positive(tmp_path):
 
     with pytest.raises(ValueError, match="shard_size=0 must be at least 1"):
         write_digits(tmp_path, shard_size=0)
+
+
+def write_labelled_shard(path: Path, labels: list[int]) -> Path:
+    """A shard of tiny PNGs with the given labels, in that order."""
+    from webdataset import TarWriter
+
+    rng = np.random.default_rng(0)
+    with TarWriter(str(path)) as sink:
+        for i, label in enumerate(labels):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(buf, format="PNG")
+            sink.write({"__key__": f"s{i:05d}", "png": buf.getvalue(), "cls": str(label).encode()})
+    return path
+
+
+def test_class_order_statistics_match_a_direct_count():
+    rng = np.random.default_rng(3)
+    for labels in ([0] * 5 + [1] * 3 + [None] + [1, 2, 2], list(rng.integers(0, 4, 200))):
+        same, shuffled, longest = class_order(labels, 4)
+        pairs = list(zip(labels, labels[1:]))
+        assert same == sum(a == b and b is not None for a, b in pairs) / len(pairs)
+        counts = [sum(x == c for x in labels) for c in range(4)]
+        assert shuffled == pytest.approx(sum((n / sum(counts)) ** 2 for n in counts))
+        runs, run = [], 1
+        for a, b in pairs:
+            run = run + 1 if a == b and b is not None else 1
+            runs.append(run)
+        assert longest == max(runs)
+
+
+def test_shards_written_in_class_order_are_warned_about_with_the_fix(tmp_path):
+    classes = 10
+    rng = np.random.default_rng(0)
+    shuffled = [write_labelled_shard(tmp_path / f"mixed-{i}.tar", list(rng.integers(0, classes, 200))) for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a shuffled shard raises no warning
+        build_shardlist(shuffled)
+    ordered = [write_labelled_shard(tmp_path / f"sorted-{i}.tar", sorted(rng.integers(0, classes, 200)))
+               for i in range(2)]
+    with pytest.warns(UserWarning, match=r"sorted-0\.tar looks written in class order.*make shards SRC=.*"
+                                         r"\(2 of 4 shards look like this\)"):
+        build_shardlist(shuffled + ordered)
+    # a shard holding one class of many (an ImageFolder dump cut in order) is the worst case
+    assert class_order_warning("one.tar", [7] * 50, classes) is not None
+    assert class_order_warning("few.tar", [7] * 10, classes) is None  # shorter than a mix window
+    assert class_order_warning("binary.tar", list(rng.integers(0, 2, 300)), 2) is None
