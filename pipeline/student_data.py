@@ -376,15 +376,59 @@ def _verification_runs(shardlist: ShardList, count: int, window: int,
     return runs
 
 
+def student_views(m: Manifest, teacher_size: int) -> dict:
+    """How the student's views relate to the teacher's, for the start-up log and the run's result."""
+    size = m.student.img_size
+    same = size == teacher_size
+    return {"student_size": size, "teacher_size": teacher_size, "same_pixels": same,
+            "note": "the student sees the pixels the teacher saw" if same else
+                    f"the student sees each view rendered at {size} px from the parameters the teacher's {teacher_size} px "
+                    f"view was rendered from (same crop, flip, RandAugment, mix; the erasing noise is drawn again at "
+                    f"{size} px): the same views at another resolution, not the teacher's pixels"}
+
+
+def _down(view: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(view).resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+
+
+def _erased(params: np.ndarray, size: int) -> np.ndarray:
+    """[size, size] bool: the view's erasing box (its noise is drawn per resolution)."""
+    mask = np.zeros((size, size), bool)
+    info = views.describe(params)["erase"]
+    if info is not None:
+        x0, y0, x1, y1 = info["box"]
+        mask[int(y0 * size):math.ceil(y1 * size), int(x0 * size):math.ceil(x1 * size)] = True
+    return mask
+
+
+# the student's render may differ from the teacher's (downscaled to the smaller size) by at most this share
+# of the difference between the teacher's view and the student's render of another view
+RESOLUTION_GAP_SHARE = 0.5
+
+
 def verify_views(m: Manifest, root, shardlist: ShardList, share: float) -> int:
     """Re-render about `share` of the views of cache epoch 0 at the teacher's resolution, compare each with
-    the digest of the view the teacher saw, and stop at the first mismatch. Returns how many were checked."""
+    the digest of the view the teacher saw, and stop at the first mismatch. Returns how many were checked.
+
+    A student at another resolution also gets its own render of each checked view, from the same stored
+    parameters by the student loader's path; both are reduced to the smaller size (box filter, erasing boxes
+    left out) and must agree far better than the teacher's view agrees with the student's render of the
+    next checked view (median over the views, at most RESOLUTION_GAP_SHARE of it)."""
+    size = root.attrs["teacher_size"]
+    relation = student_views(m, size)
+    if not relation["same_pixels"]:
+        log.warning("student.img_size=%d differs from teacher.img_size=%d: %s", m.student.img_size, size,
+                    relation["note"])
     if share <= 0:
         return 0
     valid = cache.read_labels(root, "train") >= 0
     rng = np.random.default_rng([m.student.seed, int(valid.sum())])
     runs = _verification_runs(shardlist, math.ceil(share * valid.sum()), m.views.mix.window, rng)
-    size = root.attrs["teacher_size"]
+    student_size = None if relation["same_pixels"] else m.student.img_size
+    small = min(size, m.student.img_size)
+    pairs = []  # (teacher view, student view, params) at the smaller size, for the resolution check
     stored = root.attrs.get("versions", {})
     drift = {k: (stored.get(k), v) for k, v in library_versions().items() if stored.get(k) != v}
     checked = 0
@@ -395,11 +439,16 @@ def verify_views(m: Manifest, root, shardlist: ShardList, share: float) -> int:
         read_start, read_stop = views.windows_covering(m.views, 0, shard, start, stop, n)  # partners at the ends
         samples = {s.pos: s for s in read_shard(shardlist, shard, start=read_start, stop=read_stop,
                                                 on_error=m.data.on_error)}
-        rendered = views.ShardViews({pos: s.image for pos, s in samples.items()}, slab["view"], size, m.views)
+        images = {pos: s.image for pos, s in samples.items()}
+        rendered = views.ShardViews(images, slab["view"], size, m.views)
+        student = None if student_size is None else views.ShardViews(images, slab["view"], student_size, m.views)
         for pos in range(start, stop):
             if not valid[shard, pos]:
                 continue
             view = rendered.view(pos)
+            if student is not None:
+                keep = ~_erased(slab["view"][pos], small)
+                pairs.append((_down(view, small)[keep], _down(student.view(pos), small), keep))
             checked += 1
             if (views.view_digest(view) or 1) != int(slab["digest"][pos]):
                 versions = ("the installed versions differ from the cache's: " +
@@ -411,7 +460,29 @@ def verify_views(m: Manifest, root, shardlist: ShardList, share: float) -> int:
                     f"the view recipe or the library versions drifted ({versions}). Training on it would pair the "
                     f"teacher's answers with other pixels: install the cache's versions or rebuild the cache "
                     f"(`make teacher-cache` into a new cache.path); student.verify_sample=0 skips this check")
+    if len(pairs) > 1:
+        check_student_resolution(m, pairs)
     if drift:
         log.warning("library versions differ from the cache's (%s) but the %d re-rendered views are still identical",
                  ", ".join(f"{k} {now} vs {then}" for k, (then, now) in drift.items()), checked)
     return checked
+
+
+def check_student_resolution(m: Manifest, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+    """Stop unless the student's renders are the teacher's views at another resolution: `pairs` holds, per
+    checked view, (the teacher's view reduced to the smaller size, outside the erasing box; the student's
+    render reduced likewise; the mask). Returns the median ratio of the matched gap to the control gap."""
+    ratios = []
+    for i, (teacher, student, keep) in enumerate(pairs):
+        other = pairs[(i + 1) % len(pairs)][1][keep]
+        matched, control = np.abs(teacher - student[keep]).mean(), np.abs(teacher - other).mean()
+        if control > 0:
+            ratios.append(matched / control)
+    ratio = float(np.median(ratios)) if ratios else 0.0
+    if ratio > RESOLUTION_GAP_SHARE:
+        raise ViewDriftError(
+            f"cache {m.cache.path}: the student's {m.student.img_size} px renders do not look like the teacher's views "
+            f"at another resolution (median gap {ratio:.2f} of the gap to another view, limit "
+            f"{RESOLUTION_GAP_SHARE}): the student would train on other views than the teacher answered for; "
+            f"check student.img_size and the cache's recipe, or set student.img_size to teacher.img_size")
+    return ratio

@@ -38,7 +38,7 @@ from pipeline.manifest import Manifest, ManifestError, StudentCfg, to_dict
 from pipeline.shards import load_shardlist
 from pipeline.student import Student, create_student
 from pipeline.student_data import (check_complete, check_fingerprint, first_difference, open_train_set,
-                                   verify_views, warn_if_cycling)
+                                   student_views, verify_views, warn_if_cycling)
 from pipeline.teacher import Teacher, load_teacher, normalize, teacher_identity
 from pipeline.teacher_cache import cache_attrs, forward
 
@@ -377,7 +377,7 @@ def train(m: Manifest, world: World | None = None, answers: str | Answers = "cac
 
     result = {**final, "steps": position.step, "epochs": s.epochs, "steps_per_epoch": steps,
               "seconds": round(time.perf_counter() - started, 1), "cache_fingerprint": root.attrs["fingerprint"],
-              "config": to_dict(m)}
+              "config": to_dict(m), "student_views": student_views(m, root.attrs["teacher_size"])}
     if world.rank == 0:
         write_result(run_dir / RESULT, result)
     return result

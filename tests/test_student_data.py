@@ -12,8 +12,9 @@ import torch
 
 from pipeline import cache, views
 from pipeline.manifest import ManifestError
-from pipeline.student_data import (ViewDriftError, check_complete, open_train_set, round_robin_resume,
-                                   shuffle_buffer_order, verify_views)
+from pipeline.student_data import (RESOLUTION_GAP_SHARE, ViewDriftError, _down, _erased, check_complete,
+                                   check_student_resolution, open_train_set, round_robin_resume, shuffle_buffer_order,
+                                   student_views, verify_views)
 from tiny import BAD, TRAIN_SHARDS
 
 torch.set_num_threads(1)  # two busy cores: a second intra-op thread only spins
@@ -218,3 +219,49 @@ def test_incomplete_cache_is_refused(tiny_cache, cache_copy):
     root["val"]["done"][0] = 0
     with pytest.raises(cache.CacheError, match=r"val unit \(shard group 0\) is not complete"):
         check_complete(root, str(cache_copy), epochs=1)
+
+
+def test_a_student_at_another_resolution_is_announced_and_its_renders_checked(tiny_cache, caplog, monkeypatch):
+    m = tiny_cache.manifest("student.img_size=8", "student.patch_size=4")
+    root = tiny_cache.open()
+    shardlist = open_train_set(m, root).shardlist
+    with caplog.at_level("WARNING", logger="pipeline.student_data"):
+        assert verify_views(m, root, shardlist, 1.0) == sum(TRAIN_SHARDS) - 1
+    assert "student.img_size=8 differs from teacher.img_size=16" in caplog.text and "drawn again at 8 px" in caplog.text
+    relation = student_views(m, 16)
+    assert relation["same_pixels"] is False and (relation["student_size"], relation["teacher_size"]) == (8, 16)
+    assert student_views(tiny_cache.manifest(), 16)["same_pixels"] is True
+    # a student path that paired each view with the next position's parameters is caught
+    real = views.ShardViews
+
+    class Shifted(real):
+        def view(self, pos):
+            return super().view(pos if self.size != 8 or pos + 1 not in self.images else pos + 1)
+
+    monkeypatch.setattr(views, "ShardViews", Shifted)
+    with pytest.raises(ViewDriftError, match=r"student's 8 px renders do not look like the teacher's views"):
+        verify_views(m, root, shardlist, 1.0)
+
+
+def test_resolution_check_agrees_with_renders_made_here():
+    """check_student_resolution on views rendered directly by views.render at 32 and 16 px passes; with the
+    16 px renders rolled by one view it stops."""
+    from PIL import Image
+
+    from pipeline.manifest import Manifest
+
+    m = Manifest()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((40, 36), Image.Resampling.BICUBIC)
+              for _ in range(16)]
+    params = [views.sample_params(m.views, 0, 0, p, 16, images[p].size, size=32) for p in range(16)]
+    big = views.ShardViews(dict(enumerate(images)), params, 32, m.views)
+    small = views.ShardViews(dict(enumerate(images)), params, 16, m.views)
+    pairs = []
+    for p in range(16):
+        keep = ~_erased(params[p], 16)
+        pairs.append((_down(big.view(p), 16)[keep], _down(small.view(p), 16), keep))
+    assert check_student_resolution(m, pairs) < RESOLUTION_GAP_SHARE
+    rolled = [(t, pairs[(i + 1) % 16][1], k) for i, (t, _, k) in enumerate(pairs)]
+    with pytest.raises(ViewDriftError):
+        check_student_resolution(m, rolled)

@@ -283,6 +283,7 @@ def test_result_and_metrics(tiny_cache, tmp_path):
     result = train(m, progress=False)
     assert json.loads((tmp_path / RESULT).read_text())["top1_joint"] == result["top1_joint"]
     assert result["config"]["student"]["epochs"] == 2 and result["steps"] == 2 * result["steps_per_epoch"]
+    assert result["student_views"]["same_pixels"] and result["student_views"]["teacher_size"] == m.teacher.img_size
     steps = _records(tmp_path)
     assert steps[0]["lr"] == pytest.approx(0.004 * 8 / 16)  # lr x global batch / lr_batch, no warmup
     assert steps[-1]["lr"] < steps[0]["lr"]  # cosine decay
