@@ -106,6 +106,9 @@ class ViewsCfg:
     randaugment: RandAugmentCfg = field(default_factory=RandAugmentCfg)
     erasing: ErasingCfg = field(default_factory=ErasingCfg)
     mix: MixCfg = field(default_factory=MixCfg)
+    # repeated augmentation (DeiT's RASampler; DeiT uses 3): each student epoch trains on 1/repeats of the images,
+    # each in `repeats` distinct cached views. A rule of the student's replay: the cache does not depend on it.
+    repeats: int = 1
 
 
 @dataclass(slots=True)
@@ -193,7 +196,8 @@ class Manifest:
         for key, value in (("cache.top_k", self.cache.top_k), ("cache.epochs", self.cache.epochs),
                            ("cache.batch_size", self.cache.batch_size), ("cache.shards_per_unit", self.cache.shards_per_unit),
                            ("student.epochs", s.epochs), ("student.batch_size", s.batch_size), ("data.shard_size", self.data.shard_size),
-                           ("teacher.img_size", self.teacher.img_size), ("views.mix.window", self.views.mix.window)):
+                           ("teacher.img_size", self.teacher.img_size), ("views.mix.window", self.views.mix.window),
+                           ("views.repeats", self.views.repeats)):
             if value < 1:
                 raise ManifestError(f"{key}={value} must be at least 1")
         for key, value in (("student.alpha", s.alpha), ("views.flip.prob", self.views.flip.prob),
@@ -205,6 +209,11 @@ class Manifest:
             raise ManifestError(f"student.tau={s.tau} must be positive")
         if self.teacher.pretrained and self.teacher.checkpoint:
             raise ManifestError("teacher.pretrained and teacher.checkpoint are both set: keep one")
+        if self.views.repeats > 1 and self.cache.epochs % self.views.repeats:
+            r, e = self.views.repeats, self.cache.epochs
+            raise ManifestError(f"views.repeats={r} replays each image's views from {r} cache epochs at a time, so "
+                                f"cache.epochs={e} must be a multiple of {r}: set cache.epochs to "
+                                f"{' or '.join(str(x) for x in (e // r * r, (e // r + 1) * r) if x)}")
         lo, hi = self.views.crop.scale
         if not 0 < lo <= hi <= 1:
             raise ManifestError(f"views.crop.scale={[lo, hi]} must satisfy 0 < min <= max <= 1")

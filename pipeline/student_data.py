@@ -1,6 +1,7 @@
 """Stage 2's data path: the views the teacher saw, replayed from the cache, with the teacher's answers.
 
-Per student epoch `e` (cache epoch `e % E`), `reader.plan_epoch` lays the train shards out in a seeded
+Per student epoch `e` (cache epoch `e % E`; with `views.repeats` r, 1/r of the images in their views from the r
+cache epochs of the group `e // r`, as DeiT's RASampler: `TrainSet.selected`), `reader.plan_epoch` lays the train shards out in a seeded
 order and cuts them, at mix-window boundaries, into equal runs per rank and contiguous runs per loader
 worker. A worker reads each shard's cached slab once (`cache.SlabReader`), walks its positions window by
 window (so a view's mix partner is always decoded), re-renders every view from its stored parameters at the
@@ -53,6 +54,9 @@ FINGERPRINT_KEYS = {
 }
 
 
+REPEAT_PARTITION = 7  # tags the seed of the repeated-augmentation partition (TrainSet.selected)
+
+
 class ViewDriftError(cache.CacheError):
     """A view re-rendered now differs from the one the teacher saw when it filled the cache."""
 
@@ -98,10 +102,15 @@ def check_fingerprint(root, expected: dict, cache_path: str) -> None:
                 f"{FINGERPRINT_KEYS[field]} back to what the cache was built with.")
 
 
-def check_complete(root, cache_path: str, epochs: int) -> None:
+def cache_epochs_used(student_epochs: int, repeats: int = 1) -> int:
+    """How many cache epochs `student_epochs` epochs replay before cycling (whole groups of `repeats`)."""
+    return -(-student_epochs // repeats) * repeats
+
+
+def check_complete(root, cache_path: str, epochs: int, repeats: int = 1) -> None:
     """Every unit the run will read must be done: train units of the cache epochs it uses, all val units."""
     train_done = cache.done_units(root, "train")
-    used = min(epochs, train_done.shape[0])
+    used = min(cache_epochs_used(epochs, repeats), train_done.shape[0])
     for epoch in range(used):
         if not train_done[epoch].all():
             group = int(np.flatnonzero(~train_done[epoch])[0])
@@ -114,8 +123,8 @@ def check_complete(root, cache_path: str, epochs: int) -> None:
                                f"`make teacher-cache` to finish it before training")
 
 
-def warn_if_cycling(student_epochs: int, cache_epochs: int) -> None:
-    if student_epochs > cache_epochs:
+def warn_if_cycling(student_epochs: int, cache_epochs: int, repeats: int = 1) -> None:
+    if cache_epochs_used(student_epochs, repeats) > cache_epochs:
         warnings.warn(f"student.epochs={student_epochs} exceeds the {cache_epochs} cached epochs: student epoch e "
                       f"replays cache epoch e % {cache_epochs}, so the epochs cycle through the same views "
                       f"(fill more with `make teacher-cache` and a larger cache.epochs)", stacklevel=2)
@@ -171,7 +180,8 @@ class WorkerPlan:
     """What one loader worker of one rank does in one epoch."""
 
     spans: list[Span]
-    items: np.ndarray  # [n, 2] (shard, position) of every view it yields, in reading order
+    items: np.ndarray  # [n, 3] (shard, position, copy) of every view it yields, in reading order; copy i of a
+    # position is its view from the i-th cache epoch of `TrainSet.cache_epochs_of` (always 0 without repeats)
     order: np.ndarray  # shuffle buffer output order (indices into items)
     ready: np.ndarray  # items read before each output can leave the buffer
     batch_size: int
@@ -198,19 +208,49 @@ class TrainSet:
     def workers(self) -> int:
         return max(1, self.m.student.workers)
 
+    @property
+    def repeats(self) -> int:
+        return self.m.views.repeats
+
+    def cache_epochs_of(self, epoch: int) -> list[int]:
+        """The cache epochs student epoch `epoch` replays: `epoch % E` alone; with repeats r, the r cache epochs
+        of its group g = epoch // r (g * r .. g * r + r - 1, cycling), one view of each selected image from each."""
+        r = self.repeats
+        first = epoch // r * r
+        return [(first + i) % self.cache_epochs for i in range(r)]
+
     def cache_epoch(self, epoch: int) -> int:
-        return epoch % self.cache_epochs
+        return self.cache_epochs_of(epoch)[0]
+
+    def selected(self, epoch: int, shard: int) -> np.ndarray:
+        """[P] bool: the positions of `shard` student epoch `epoch` trains on. Without repeats, every position
+        holding a view. With repeats r (DeiT's RASampler): the (epoch % r)-th of r equal parts of a permutation
+        of the shard's positions drawn from (student seed, epoch // r, shard), so the r epochs of a group train
+        on every image once, each time in its r views of the group's r cache epochs: r times fewer distinct
+        images per epoch, each in r distinct views, as RASampler gives, and every cached view used once."""
+        if self.repeats == 1:
+            return self.valid[shard]
+        r, n = self.repeats, self.shardlist.shards[shard].samples
+        rank = np.random.default_rng([self.m.student.seed, epoch // r, shard, REPEAT_PARTITION]).permutation(n)
+        part = np.zeros(self.valid.shape[1], bool)
+        part[:n] = rank % r == epoch % r
+        return self.valid[shard] & part
 
     def plan(self, epoch: int, rank: int) -> list[WorkerPlan]:
-        s = self.m.student
+        s, r = self.m.student, self.repeats
         spans_per_worker = plan_epoch(self.shardlist, epoch, s.seed, self.world_size, self.workers,
                                       block=self.m.views.mix.window)[rank]
         plans = []
         for worker, spans in enumerate(spans_per_worker):
-            items = [(sp.shard, p) for sp in spans for p in range(sp.start, sp.stop) if self.valid[sp.shard, p]]
-            items = np.array(items, np.int64).reshape(-1, 2)
+            chosen = {shard: self.selected(epoch, shard) for shard in {sp.shard for sp in spans}}
+            items = [(sp.shard, p, copy) for sp in spans for p in range(sp.start, sp.stop) if chosen[sp.shard][p]
+                     for copy in range(r)]
+            items = np.array(items, np.int64).reshape(-1, 3)
             rng = np.random.default_rng([s.seed, epoch, rank, worker])
-            order, ready = shuffle_buffer_order(len(items), s.shuffle_buffer, rng)
+            # the buffer shuffles images; an image's r copies stay side by side, as RASampler keeps them in one step
+            order, ready = shuffle_buffer_order(len(items) // r, s.shuffle_buffer, rng)
+            order = (order[:, None] * r + np.arange(r)).ravel()
+            ready = np.repeat(ready * r, r)
             plans.append(WorkerPlan(spans, items, order, ready, s.batch_size))
         return plans
 
@@ -221,9 +261,13 @@ class TrainSet:
 
     def _batches_per_rank(self, epoch: int) -> list[int]:
         """Batches each rank can make in `epoch`, from counts alone (no shuffle, no rendering)."""
-        prefix = self._valid_before
         spans = plan_epoch(self.shardlist, epoch, self.m.student.seed, self.world_size, self.workers,
                            block=self.m.views.mix.window)
+        if self.repeats == 1:
+            prefix = self._valid_before
+        else:
+            chosen = np.array([self.selected(epoch, shard) for shard in range(len(self.valid))])
+            prefix = np.concatenate([np.zeros((len(chosen), 1), np.int64), chosen.cumsum(1)], axis=1) * self.repeats
         b = self.m.student.batch_size
         return [sum(sum(int(prefix[sp.shard, sp.stop] - prefix[sp.shard, sp.start]) for sp in w) // b for w in rank)
                 for rank in spans]
@@ -274,7 +318,7 @@ def open_train_set(m: Manifest, root, world_size: int = 1, teacher_size: int | N
 class StudentViews(IterableDataset):
     """One rank's epoch as batches: uint8 views [B, H, W, 3] (and `teacher_views` at the teacher's size
     when asked), labels, partner_labels, lam [B], topk_logits float16 [B, K], topk_ids int64 [B, K],
-    lse [B], shard, pos [B]."""
+    lse [B], shard, pos, cache_epoch [B]."""
 
     def __init__(self, data: TrainSet, epoch: int, plans: list[WorkerPlan], skips: list[int]):
         self.data, self.epoch, self.plans, self.skips = data, epoch, plans, skips
@@ -303,21 +347,25 @@ class StudentViews(IterableDataset):
     def _records(self, plan: WorkerPlan, wanted: np.ndarray) -> Iterator[tuple[int, dict | None]]:
         """(item index, record or None when not wanted) for every item, in reading order."""
         data, m = self.data, self.data.m
-        reader = cache.SlabReader(cache.open_cache(data.cache_path), "train")
-        cache_epoch = data.cache_epoch(self.epoch)
+        root = cache.open_cache(data.cache_path)
+        cache_epochs = data.cache_epochs_of(self.epoch)
+        readers = [cache.SlabReader(root, "train") for _ in cache_epochs]  # each keeps its own unit's chunks
         item = 0
-        slab, slab_shard = None, None
+        slabs, slab_shard, chosen = None, None, None
         for span in plan.spans:
-            span_items = int(data.valid[span.shard, span.start:span.stop].sum())
+            if slab_shard != span.shard:
+                chosen = data.selected(self.epoch, span.shard)
+            span_items = int(chosen[span.start:span.stop].sum()) * len(cache_epochs)
             if not wanted[item:item + span_items].any():
                 item += span_items
                 continue
             if slab_shard != span.shard:
-                slab = reader.read(cache_epoch, span.shard, CACHED_FIELDS)
+                slabs = [reader.read(e, span.shard, CACHED_FIELDS) for reader, e in zip(readers, cache_epochs)]
                 slab_shard = span.shard
             n = data.shardlist.shards[span.shard].samples
-            # whole mix windows of this cache epoch: a view's partner lives in its window
-            start, stop = views.windows_covering(m.views, cache_epoch, span.shard, span.start, span.stop, n)
+            # whole mix windows of each cache epoch replayed: a view's partner lives in its window
+            bounds = [views.windows_covering(m.views, e, span.shard, span.start, span.stop, n) for e in cache_epochs]
+            start, stop = min(a for a, _ in bounds), max(b for _, b in bounds)
             samples = {s.pos: s for s in read_shard(data.shardlist, span.shard, start=start, stop=stop,
                                                     on_error=m.data.on_error)}
             # each unmixed view rendered once per size, also where only a view mixing with it is wanted
@@ -325,13 +373,15 @@ class StudentViews(IterableDataset):
             sizes = {"views": m.student.img_size}
             if data.teacher_size is not None:
                 sizes["teacher_views"] = data.teacher_size
-            rendered = {name: views.ShardViews(images, slab["view"], size, m.views) for name, size in sizes.items()}
+            rendered = [{name: views.ShardViews(images, slab["view"], size, m.views) for name, size in sizes.items()}
+                        for slab in slabs]
             for pos in range(span.start, span.stop):
-                if not data.valid[span.shard, pos]:
+                if not chosen[pos]:
                     continue
-                yield item, (self._record(slab, samples, rendered, span.shard, pos, cache_epoch)
-                             if wanted[item] else None)
-                item += 1
+                for slab, shard_views, cache_epoch in zip(slabs, rendered, cache_epochs):  # the copies, in order
+                    yield item, (self._record(slab, samples, shard_views, span.shard, pos, cache_epoch)
+                                 if wanted[item] else None)
+                    item += 1
 
     def _record(self, slab: dict, samples: dict, rendered: dict[str, views.ShardViews], shard: int, pos: int,
                 cache_epoch: int) -> dict:
@@ -347,7 +397,7 @@ class StudentViews(IterableDataset):
         return {**{name: shard_views.view(pos) for name, shard_views in rendered.items()},
                 "labels": sample.label, "partner_labels": samples[partner].label, "lam": lam,
                 "topk_logits": slab["topk_logits"][pos], "topk_ids": slab["topk_ids"][pos].astype(np.int64),
-                "lse": slab["lse"][pos], "shard": shard, "pos": pos}
+                "lse": slab["lse"][pos], "shard": shard, "pos": pos, "cache_epoch": cache_epoch}
 
 
 def _collate(records: list[dict]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -248,6 +249,8 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
                               m.views.mix.window)
     device = pick_device(m.cache.device)
     teacher = load_teacher(m.teacher, len(lists["train"].classes), device)
+    if rank == 0 and (noise := views.erasing_noise_warning(m.views, teacher.mean, teacher.std, f"teacher {m.teacher.model}")):
+        warnings.warn(noise, stacklevel=2)
     attrs = cache_attrs(m, lists["train"], lists["val"], teacher.identity)
     if rank == 0 or barrier is None:
         root = cache.create(m.cache.path, layouts, attrs)

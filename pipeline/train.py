@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
-from pipeline import cache
+from pipeline import cache, views
 from pipeline.distributed import World
 from pipeline.evaluate import Evaluator
 from pipeline.losses import deit_loss, mixed_target
@@ -309,9 +310,9 @@ def open_checked_cache(m: Manifest, world: World, device: torch.device, answers:
     identity = teacher.identity if online else teacher_identity(m.teacher, num_classes)
     expected = cache_attrs(m, load_shardlist(m.data.train), load_shardlist(m.data.val), identity)
     check_fingerprint(root, expected, m.cache.path)
-    check_complete(root, m.cache.path, m.student.epochs)
+    check_complete(root, m.cache.path, m.student.epochs, m.views.repeats)
     data = open_train_set(m, root, world.size, m.teacher.img_size if online else None)
-    warn_if_cycling(m.student.epochs, data.cache_epochs)
+    warn_if_cycling(m.student.epochs, data.cache_epochs, m.views.repeats)
     if world.rank == 0:
         verify_views(m, root, data.shardlist, m.student.verify_sample)
     if online:
@@ -351,6 +352,9 @@ def train(m: Manifest, world: World | None = None, answers: str | Answers = "cac
     root, data, answers = open_checked_cache(m, world, device, answers)
     steps = data.steps_per_epoch
     learner = build_learner(m, steps, data.num_classes, answers, device, world)
+    if world.rank == 0 and (noise := views.erasing_noise_warning(m.views, learner.student.mean, learner.student.std,
+                                                                  f"student {s.model}")):
+        warnings.warn(noise, stacklevel=2)
     checkpointer = Checkpointer(run_dir, s.ckpt_every, resume_spec(m, root.attrs["fingerprint"], world, steps),
                                 world.rank)
     position = checkpointer.restore(learner)

@@ -178,15 +178,17 @@ def check(cfg: ViewsCfg) -> None:
 def recipe(cfg: ViewsCfg) -> dict:
     """The recipe as plain JSON-able data for the cache attributes."""
     check(cfg)
+    config = to_dict(cfg)
+    config.pop("repeats", None)  # how the student replays the views, not which views the cache holds
     out = {
         "version": RECIPE_VERSION,
-        "config": to_dict(cfg),
+        "config": config,
         "param_fields": list(PARAM_FIELDS),
         "coord_step": COORD_STEP,
         "interpolations": list(INTERPOLATIONS),
         "ra_op_names": list(RA_OP_NAMES),
         "ra_hparams": {"translate_pct": RA_HPARAMS["translate_pct"], "img_mean": list(IMG_MEAN_U8)},
-        "erasing": {"area": list(ERASE_AREA), "aspect": [0.3, 1.0 / 0.3],
+        "erasing": {"area": list(ERASE_AREA), "aspect": [0.3, 1.0 / 0.3], "noise_space": "imagenet",
                     "pixel_noise": "clip(rint(255 * (imagenet_mean + imagenet_std * RandomState(erase_seed)"
                                    ".standard_normal((h, w, 3)))), 0, 255)"},
         "mixup_rounding": "rint(lam * a + (1 - lam) * b) in float32",
@@ -472,9 +474,45 @@ def _erase(view: np.ndarray, p: dict, mode: str) -> None:
     if mode == "const":  # timm's zeros in normalised space: the mean colour
         view[top:bottom, left:right] = IMG_MEAN_U8
         return
-    noise = np.random.RandomState(p["erase_seed"]).standard_normal((bottom - top, right - left, 3))
+    view[top:bottom, left:right] = _noise_u8(p["erase_seed"], bottom - top, right - left)
+
+
+def _noise_u8(seed: int, height: int, width: int) -> np.ndarray:
+    """timm's pixel-mode erasing noise (N(0, 1) per pixel and channel in the normalised space of a model with
+    ImageNet's mean and std) written as the uint8 pixels that normalise to it, rounded and clipped to 0..255."""
+    noise = np.random.RandomState(seed).standard_normal((height, width, 3))
     pixels = (np.asarray(IMAGENET_DEFAULT_MEAN) + np.asarray(IMAGENET_DEFAULT_STD) * noise) * 255.0
-    view[top:bottom, left:right] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def erasing_noise_stats(pixels: int = 1_000_000, seed: int = 0) -> dict:
+    """How the uint8 erasing noise differs from timm's N(0, 1), measured in ImageNet's normalised space:
+    the share of values clipped at 0 or 255, mean and standard deviation (timm: 0 and 1), the largest gap
+    between its CDF and the standard normal's (Kolmogorov-Smirnov), and the rounding step."""
+    u8 = _noise_u8(seed, 1, pixels).reshape(-1, 3)
+    z = ((u8 / 255.0 - np.asarray(IMAGENET_DEFAULT_MEAN)) / np.asarray(IMAGENET_DEFAULT_STD)).ravel()
+    clipped = float(np.mean((u8 == 0) | (u8 == 255)))
+    values, counts = np.unique(z, return_counts=True)
+    cdf = np.cumsum(counts) / z.size
+    normal = np.array([0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in values])
+    ks = float(max(np.abs(cdf - normal).max(), np.abs(cdf - counts / z.size - normal).max()))
+    return {"clipped_share": clipped, "mean": float(z.mean()), "std": float(z.std()), "ks_vs_normal": ks,
+            "rounding_step": float(1.0 / (255.0 * max(IMAGENET_DEFAULT_STD)))}
+
+
+def erasing_noise_warning(cfg: ViewsCfg, mean, std, who: str) -> str | None:
+    """A warning when pixel-mode erasing is on and the model consuming the views (`who`) normalises with
+    other statistics than ImageNet's: the erasing noise is timm's N(0, 1) only in ImageNet's normalised space."""
+    if not (cfg.erasing.enabled and cfg.erasing.mode == "pixel"):
+        return None
+    if np.allclose(mean, IMAGENET_DEFAULT_MEAN, atol=1e-3) and np.allclose(std, IMAGENET_DEFAULT_STD, atol=1e-3):
+        return None
+    scale = np.asarray(IMAGENET_DEFAULT_STD) / np.asarray(std)
+    return (f"{who} normalises with mean {tuple(round(float(x), 4) for x in mean)} and std "
+            f"{tuple(round(float(x), 4) for x in std)}, not ImageNet's: the random-erasing noise (N(0, 1) in "
+            f"ImageNet's normalised space, stored as uint8 pixels) has a standard deviation of about "
+            f"{float(scale.mean()):.2f} in its space instead of timm's 1; views.erasing.mode=const erases with "
+            f"the mean colour instead")
 
 
 def render_unmixed(image: Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg) -> np.ndarray:

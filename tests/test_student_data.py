@@ -265,3 +265,60 @@ def test_resolution_check_agrees_with_renders_made_here():
     rolled = [(t, pairs[(i + 1) % 16][1], k) for i, (t, _, k) in enumerate(pairs)]
     with pytest.raises(ViewDriftError):
         check_student_resolution(m, rolled)
+
+
+# --------------------------------------------------------------------------------------------- repeated augmentation
+
+
+def _plan_items(data, epoch):
+    """(shard, pos, copy) rows in the order the shuffle buffer hands them out, all workers of rank 0."""
+    return [plan.items[plan.order] for plan in data.plan(epoch, 0)]
+
+
+def test_repeated_augmentation_replays_like_deits_rasampler(tiny_cache):
+    from collections import Counter
+
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    r = 2
+    m = tiny_cache.manifest(f"views.repeats={r}", "student.workers=2")
+    root = tiny_cache.open()
+    data = open_train_set(m, root)
+    valid = {(s, p) for s, p in zip(*np.nonzero(data.valid))}
+    n = len(valid)
+    group = []
+    for epoch in range(r):  # the r epochs of group 0 replay cache epochs 0 and 1
+        assert data.cache_epochs_of(epoch) == [0, 1]
+        rows = np.concatenate(_plan_items(data, epoch))
+        images = Counter(map(tuple, rows[:, :2].tolist()))
+        # RASampler (one replica): about N / r distinct images per epoch, each num_repeats times, side by side
+        sampler = RepeatAugSampler(range(n), num_replicas=1, rank=0, num_repeats=r, selected_round=0)
+        sampler.set_epoch(epoch)
+        theirs = list(sampler)
+        assert abs(len(rows) - len(theirs)) <= r * len(TRAIN_SHARDS)  # each shard's part rounds on its own
+        assert set(images.values()) == {r} and set(Counter(theirs).values()) <= {r, r - 1}
+        assert all(theirs[i] == theirs[i + 1] for i in range(0, len(theirs) - 1, r))
+        for worker_rows in _plan_items(data, epoch):
+            pairs = worker_rows.reshape(-1, r, 3)  # consecutive copies of one image, copies 0..r-1
+            assert (pairs[:, :, :2] == pairs[:, :1, :2]).all() and (pairs[:, :, 2] == np.arange(r)).all()
+        group.append(set(images))
+    # over a group every image is trained on once, in r distinct views
+    assert set.union(*group) == valid and sum(map(len, group)) == n
+    next_group = set(map(tuple, np.concatenate(_plan_items(data, r))[:, :2].tolist()))
+    assert data.cache_epochs_of(r) == [0, 1] and next_group != group[0]  # the next group draws a new partition
+    # the batches carry the view of the copy's cache epoch: the teacher saw it (digest), and copies differ
+    digest = root["train"]["digest"][...]
+    seen = {}
+    for batch in _epoch(data, 0):
+        for view, shard, pos, epoch in zip(batch["views"], batch["shard"].tolist(), batch["pos"].tolist(),
+                                           batch["cache_epoch"].tolist()):
+            assert (views.view_digest(view.numpy()) or 1) == int(digest[epoch, shard, pos])
+            seen.setdefault((shard, pos), set()).add(epoch)
+    assert sum(len(e) == r for e in seen.values()) > 0.8 * len(seen)  # both views of most images (buffer edges drop a few)
+
+
+def test_repeats_leave_the_cache_alone_and_must_divide_its_epochs(tiny_cache):
+    assert views.recipe(tiny_cache.manifest("views.repeats=2").views) == views.recipe(tiny_cache.manifest().views)
+    with pytest.raises(ManifestError, match=r"views.repeats=3 .* cache.epochs=2 must be a multiple of 3: set "
+                                            r"cache.epochs to 3$"):
+        tiny_cache.manifest("views.repeats=3")

@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -644,3 +645,45 @@ def test_stored_cutmix_lambda_is_the_pixel_share_the_teacher_saw(size):
         assert lam == np.float32(1.0 - partner_share)
         checked += 1
     assert checked > 8
+
+
+# --------------------------------------------------------------------------------------------- erasing noise
+
+
+def test_erasing_noise_is_timms_normal_noise_up_to_clipping_and_rounding():
+    """timm's RandomErasing (pixel mode) writes N(0, 1) into the normalised tensor; the stored uint8 noise,
+    normalised with ImageNet's statistics, matches it but for the clipped tails and the 1/255 rounding."""
+    from timm.data.random_erasing import RandomErasing
+
+    torch.manual_seed(0)
+    random.seed(0)
+    eraser = RandomErasing(probability=1.0, mode="pixel", device="cpu")
+    timm_values = []
+    while sum(v.size for v in timm_values) < 200_000:
+        img = torch.full((3, 64, 64), 1e9)  # anything erased is no longer 1e9
+        out = eraser(img)
+        timm_values.append(out[out != 1e9].numpy().astype(np.float64))
+    timm_values = np.concatenate(timm_values)
+    cfg = only("erasing", erasing={"prob": 1.0})
+    ours = []
+    for p in range(400):
+        params = V.sample_params(cfg, 0, 0, p, 400, (64, 64), size=64)
+        view = V.render_unmixed(Image.new("RGB", (64, 64), (1, 2, 3)), params, 64, cfg)
+        erased = np.any(view != (1, 2, 3), axis=-1)  # the erase box (a noise pixel equal to (1, 2, 3) is ~1e-7 likely)
+        z = (view[erased] / 255.0 - np.asarray(IMAGENET_DEFAULT_MEAN)) / np.asarray(timm.data.IMAGENET_DEFAULT_STD)
+        ours.append(z.ravel())
+    ours = np.concatenate(ours)
+    grid = np.linspace(-1.9, 1.9, 39)  # inside the unclipped range of every channel
+    gap = max(abs(np.mean(ours <= g) - np.mean(timm_values <= g)) for g in grid)
+    assert gap < 0.02, gap  # rounding (one uint8 step is 0.017 in normalised units) and sampling noise
+    assert abs(ours.std() - timm_values.std()) < 0.05 and abs(ours.mean()) < 0.03
+    stats = V.erasing_noise_stats(200_000)
+    assert 0.02 < stats["clipped_share"] < 0.045 and 0.95 < stats["std"] < 0.99 and stats["ks_vs_normal"] < 0.025
+
+
+def test_a_model_with_other_normalisation_is_warned_about_the_noise():
+    cfg = ViewsCfg()
+    assert V.erasing_noise_warning(cfg, IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD, "teacher x") is None
+    text = V.erasing_noise_warning(cfg, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "student vit_x")
+    assert "student vit_x normalises with mean (0.5, 0.5, 0.5)" in text and "about 0.45" in text
+    assert V.erasing_noise_warning(only("crop"), (0.5,) * 3, (0.5,) * 3, "student") is None
