@@ -322,3 +322,15 @@ def test_repeats_leave_the_cache_alone_and_must_divide_its_epochs(tiny_cache):
     with pytest.raises(ManifestError, match=r"views.repeats=3 .* cache.epochs=2 must be a multiple of 3: set "
                                             r"cache.epochs to 3$"):
         tiny_cache.manifest("views.repeats=3")
+
+
+def test_a_cache_of_the_previous_recipe_version_is_refused_naming_the_field(tiny_cache, cache_copy):
+    from pipeline.student_data import check_fingerprint
+
+    root = cache.open_cache(str(cache_copy), mode="r+")
+    expected = dict(root.attrs)
+    assert expected["recipe"]["version"] == views.RECIPE_VERSION == "views/2"
+    root.attrs["recipe"] = {**expected["recipe"], "version": "views/1"}  # a cache filled before this recipe
+    with pytest.raises(cache.CacheError, match=r"built with a different recipe: at recipe.version the cache has "
+                                               r"\"views/1\", the run spec has \"views/2\".*set views back"):
+        check_fingerprint(root, expected, str(cache_copy))
