@@ -510,7 +510,8 @@ def _replay_set(shardlist_path: str, count: int, size: int, cfg: ViewsCfg, reps:
     window = cfg.mix.window
     count = n if count >= n else min(n, max(window, count // window * window))  # whole mix windows
     samples = list(read_shard(shardlist, 0, stop=count))
-    params = [views.sample_params(cfg, 0, 0, x.pos, n, x.image.size, size=size) for x in samples]
+    # drawn as if the shard ended at `count`, so every mix partner is among the samples read
+    params = [views.sample_params(cfg, 0, 0, x.pos, count, x.image.size, size=size) for x in samples]
     partners = [views.mix_target(p)[0] for p in params]
 
     def decode():

@@ -1,10 +1,11 @@
 """Stage 2's data path: the views the teacher saw, replayed from the cache, with the teacher's answers.
 
-Per student epoch `e` (cache epoch `e % E`; with `views.repeats` r, 1/r of the images in their views from the r
-cache epochs of the group `e // r`, as DeiT's RASampler: `TrainSet.selected`), `reader.plan_epoch` lays the train shards out in a seeded
-order and cuts them, at mix-window boundaries, into equal runs per rank and contiguous runs per loader
-worker. A worker reads each shard's cached slab once (`cache.SlabReader`), walks its positions window by
-window (so a view's mix partner is always decoded), re-renders every view from its stored parameters at the
+Per student epoch `e` (cache epoch `e % E`; with `views.repeats` r, 1/r of the images, each in its views from
+the r cache epochs of the group `e // r`, as DeiT's RASampler: `TrainSet.selected`), `reader.plan_epoch` lays
+the train shards out in a seeded order and cuts them, at blocks of `views.mix.window` positions, into equal
+runs per rank and contiguous runs per loader worker. A worker reads each shard's cached slab once
+(`cache.SlabReader`), decodes its runs widened to the cache epoch's whole mix windows (so a view's mix partner
+is always decoded: `views.windows_covering`), re-renders every view from its stored parameters at the
 student's resolution (`views.ShardViews`: each unmixed view once, then the mix), and attaches the teacher's
 top-K logits, ids and logsumexp, the label, the partner's label and lambda. No random number is drawn on that
 path.

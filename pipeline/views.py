@@ -20,7 +20,7 @@ from the other positions of its window. A reader that holds the whole windows ar
 (`windows_covering`) always holds both images, whatever the loader topology, and an image's partners change
 with the epoch: its candidates over all epochs are its 2(W - 1) nearest shard neighbours, where a fixed
 alignment would tie it to the same W - 1 forever. Shards are shuffled when written (`make shards`), so
-neighbours are random images of the shard; `shards.label_runs` warns about shards written in class order.
+neighbours are random images of the shard; `shards.class_order_warning` flags shards written in class order.
 
 Cutmix lambda is the pixel-area fraction of the box at the teacher's resolution, as timm's
 `cutmix_bbox_and_lam` computes it: the box is drawn in pixels at that size (timm's `rand_bbox`) and stored

@@ -54,7 +54,7 @@ def test_wrong_type_names_the_field_and_the_expected_type(tmp_path):
     with pytest.raises(ManifestError, match=re.escape("views.flip.enabled: expected true or false, got 'sometimes'")):
         load(TINY, ["views.flip.enabled=sometimes"])
     with pytest.raises(ManifestError, match=re.escape("student.distillation: 'medium' is not one of "
-                                                      "['none', 'soft', 'hard']")):
+                                                      "['none', 'soft', 'hard', 'deit_none']")):
         load(TINY, ["student.distillation=medium"])
 
 
