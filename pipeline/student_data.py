@@ -352,10 +352,10 @@ class StudentViews(IterableDataset):
         cache_epochs = data.cache_epochs_of(self.epoch)
         readers = [cache.SlabReader(root, "train") for _ in cache_epochs]  # each keeps its own unit's chunks
         item = 0
-        slabs, slab_shard, chosen = None, None, None
+        slabs, slab_shard, chosen, chosen_shard = None, None, None, None
         for span in plan.spans:
-            if slab_shard != span.shard:
-                chosen = data.selected(self.epoch, span.shard)
+            if chosen_shard != span.shard:
+                chosen, chosen_shard = data.selected(self.epoch, span.shard), span.shard
             span_items = int(chosen[span.start:span.stop].sum()) * len(cache_epochs)
             if not wanted[item:item + span_items].any():
                 item += span_items

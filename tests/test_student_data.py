@@ -334,3 +334,29 @@ def test_a_cache_of_the_previous_recipe_version_is_refused_naming_the_field(tiny
     with pytest.raises(cache.CacheError, match=r"built with a different recipe: at recipe.version the cache has "
                                                r"\"views/1\", the run spec has \"views/2\".*set views back"):
         check_fingerprint(root, expected, str(cache_copy))
+
+
+def test_loader_with_repeats_resumes_inside_an_epoch_and_ignores_the_worker_count(tiny_cache):
+    def batches(workers, skip=0):
+        m = tiny_cache.manifest("views.repeats=2", f"student.workers={workers}", "student.shuffle_buffer=16",
+                                "student.epochs=2", "student.batch_size=4")
+        return open_train_set(m, tiny_cache.open()), _epoch(open_train_set(m, tiny_cache.open()), 1, skip=skip)
+
+    data, full = batches(3)
+    for skip in (2, 7):
+        tail = batches(3, skip)[1]
+        assert len(tail) == len(full) - skip
+        for a, b in zip(full[skip:], tail):
+            for name in ("shard", "pos", "cache_epoch", "views", "topk_logits", "lam"):
+                assert torch.equal(a[name], b[name]), (skip, name)
+    # the views a worker count yields are the same (shard, pos, cache epoch) -> the same pixels and answers
+    one = batches(1)[1]
+
+    def by_key(batch_list):
+        return {(s, p, e): (v.numpy().tobytes(), t.numpy().tobytes()) for b in batch_list
+                for s, p, e, v, t in zip(b["shard"].tolist(), b["pos"].tolist(), b["cache_epoch"].tolist(),
+                                         b["views"], b["topk_logits"])}
+
+    a, b = by_key(full), by_key(one)
+    common = set(a) & set(b)
+    assert len(common) > 0.8 * min(len(a), len(b)) and all(a[k] == b[k] for k in common)
