@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pipeline import cache, views
 from pipeline.distributed import World
 from pipeline.evaluate import Evaluator
-from pipeline.losses import deit_loss, mixed_target
+from pipeline.losses import HEADLINE_HEAD, deit_loss, mixed_target
 from pipeline.manifest import Manifest, ManifestError, StudentCfg, to_dict
 from pipeline.shards import load_shardlist
 from pipeline.student import Student, create_student
@@ -381,7 +381,9 @@ def train(m: Manifest, world: World | None = None, answers: str | Answers = "cac
 
     result = {**final, "steps": position.step, "epochs": s.epochs, "steps_per_epoch": steps,
               "seconds": round(time.perf_counter() - started, 1), "cache_fingerprint": root.attrs["fingerprint"],
-              "config": to_dict(m), "student_views": student_views(m, root.attrs["teacher_size"])}
+              "config": to_dict(m), "student_views": student_views(m, root.attrs["teacher_size"]),
+              # the head DeiT reports for this mode (the class head for deit_none, else the two heads' average)
+              "headline_head": (head := HEADLINE_HEAD[s.distillation]), "headline_top1": final[f"top1_{head}"]}
     if world.rank == 0:
         write_result(run_dir / RESULT, result)
     return result

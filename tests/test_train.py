@@ -284,6 +284,7 @@ def test_result_and_metrics(tiny_cache, tmp_path):
     assert json.loads((tmp_path / RESULT).read_text())["top1_joint"] == result["top1_joint"]
     assert result["config"]["student"]["epochs"] == 2 and result["steps"] == 2 * result["steps_per_epoch"]
     assert result["student_views"]["same_pixels"] and result["student_views"]["teacher_size"] == m.teacher.img_size
+    assert result["headline_head"] == "joint" and result["headline_top1"] == result["top1_joint"]  # tiny.yaml: hard
     steps = _records(tmp_path)
     assert steps[0]["lr"] == pytest.approx(0.004 * 8 / 16)  # lr x global batch / lr_batch, no warmup
     assert steps[-1]["lr"] < steps[0]["lr"]  # cosine decay
@@ -292,3 +293,13 @@ def test_result_and_metrics(tiny_cache, tmp_path):
     assert [(r["epoch"], r["step"]) for r in evals] == [(0, result["steps_per_epoch"]), (1, result["steps"])]
     assert {k: evals[-1][k] for k in result if k.startswith(("top1", "agree"))} == \
         {k: v for k, v in result.items() if k.startswith(("top1", "agree"))}
+
+
+def test_deit_none_trains_the_class_head_alone_and_reports_it(tiny_cache, tmp_path):
+    m = tiny_cache.manifest("student.epochs=1", "student.distillation=deit_none", "student.sched.warmup_epochs=0",
+                            run_dir=tmp_path)
+    result = train(m, progress=False)
+    assert result["headline_head"] == "class" and result["headline_top1"] == result["top1_class"]
+    steps = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    steps = [r for r in steps if r.get("event") == "step"]
+    assert steps and all(r["distill"] == 0.0 and r["loss"] == r["base"] for r in steps)
