@@ -379,11 +379,11 @@ def train(m: Manifest, world: World | None = None, answers: str | Answers = "cac
     checkpointer.save(position, learner, last=True)
     metrics.close()
 
+    head = HEADLINE_HEAD[s.distillation]  # the head DeiT reports: the class head for deit_none, else the average
     result = {**final, "steps": position.step, "epochs": s.epochs, "steps_per_epoch": steps,
               "seconds": round(time.perf_counter() - started, 1), "cache_fingerprint": root.attrs["fingerprint"],
               "config": to_dict(m), "student_views": student_views(m, root.attrs["teacher_size"]),
-              # the head DeiT reports for this mode (the class head for deit_none, else the two heads' average)
-              "headline_head": (head := HEADLINE_HEAD[s.distillation]), "headline_top1": final[f"top1_{head}"]}
+              "headline_head": head, "headline_top1": final[f"top1_{head}"]}
     if world.rank == 0:
         write_result(run_dir / RESULT, result)
     return result
