@@ -343,3 +343,27 @@ def test_shards_written_in_class_order_are_warned_about_with_the_fix(tmp_path):
     assert class_order_warning("one.tar", [7] * 50, classes) is not None
     assert class_order_warning("few.tar", [7] * 10, classes) is None  # shorter than a mix window
     assert class_order_warning("binary.tar", list(rng.integers(0, 2, 300)), 2) is None
+
+
+def test_teacher_cache_warns_about_a_class_ordered_first_shard_before_loading_the_teacher(tmp_path, monkeypatch):
+    from pipeline import teacher_cache
+    from pipeline.manifest import load
+
+    ordered = [write_labelled_shard(tmp_path / f"sorted-{i}.tar", [i * 5 + j // 20 for j in range(100)])
+               for i in range(2)]
+    for shards, name in ((ordered, "train.json"), (ordered[1:], "val.json")):
+        with pytest.warns(UserWarning, match="looks written in class order"):
+            build_shardlist(shards, tmp_path / name, classes=[str(c) for c in range(10)])
+
+    class Stop(Exception):
+        pass
+
+    def no_teacher(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(teacher_cache, "load_teacher", no_teacher)
+    m = load("manifests/tiny.yaml", [f"data.train={tmp_path / 'train.json'}", f"data.val={tmp_path / 'val.json'}",
+                                     f"cache.path={tmp_path / 'cache'}"])
+    with pytest.warns(UserWarning, match=r"sorted-0\.tar looks written in class order: 96% of neighbouring samples "
+                                         r"share a label .* runs 20 samples in a row"), pytest.raises(Stop):
+        teacher_cache.run(m, progress=False)
