@@ -48,12 +48,16 @@ class TeacherTrainCfg:
 
 @dataclass(slots=True)
 class TeacherCfg:
-    """A timm model: `pretrained: true` loads timm's weights for `model` (e.g. `regnety_160.deit_in1k`);
-    otherwise `checkpoint` is a local state dict (plain, or DeiT's `{'model': ...}` layout)."""
+    """A timm model: `pretrained: true` loads timm's weights for `model` (a name with its pretrained tag,
+    e.g. `regnety_160.deit_in1k`, or `hf-hub:org/name`; `pretrained_cfg_overlay: {file: ...}` takes them from a
+    local file); otherwise `checkpoint` is a local weights file in any layout timm reads (plain, `state_dict`,
+    `model`, `module.` prefixes, `.safetensors`), its EMA weights when `use_ema`."""
 
     model: str = "regnety_160.deit_in1k"
     pretrained: bool = False
     checkpoint: str | None = None
+    use_ema: bool = False
+    pretrained_cfg_overlay: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)
     img_size: int = 224
     train: TeacherTrainCfg = field(default_factory=TeacherTrainCfg)
