@@ -129,8 +129,17 @@ def _image(members: dict[str, bytes], decode: bool) -> tuple[Image.Image | bytes
 def scan_shard(url: str) -> list[tuple[str, int | None]]:
     """(key, label or None where `cls` is missing or not an integer) for every position of a shard.
 
-    Used to build shard lists; it does not decode images."""
-    return [(key, _label(members)[0]) for key, members, _ in _groups(url)]
+    Used to build shard lists; it does not decode images. A run of members holding one suffix twice is
+    refused: it is two samples in a row under one key (or one sample with a member twice), and counting it as
+    one sample would shift every later position."""
+    scanned = []
+    for key, members, problems in _groups(url):
+        if problems:  # grouping finds only repeated members
+            raise ShardError(f"shard {url}: sample {key!r} (position {len(scanned)}) {problems[0].split(':')[0]}: "
+                             f"two samples in a row share the key {key!r}, or one sample holds a member twice. "
+                             f"Give every sample its own key (rename the members of one of them) and rebuild the shard")
+        scanned.append((key, _label(members)[0]))
+    return scanned
 
 
 def read_shard(shardlist: ShardList, shard_index: int, *, start: int = 0, stop: int | None = None,

@@ -239,6 +239,9 @@ def build_shardlist(paths: Iterable[str | Path], out: str | Path | None = None,
         if not scanned:
             raise ShardError(f"shard {path} is empty (no samples): delete it or leave it out of the list")
         for key, label in scanned:
+            if label is not None and label < 0:
+                raise ShardError(f"shard {path}: sample {key!r} has label {label}; class ids are 0 or more: fix its "
+                                 f"`cls` member")
             if label is not None and (top is None or label > top[0]):
                 top = (label, path, key)
         entries.append((path, len(scanned), _sha256(path)))

@@ -247,6 +247,14 @@ def test_build_shardlist_errors_name_the_shard(tmp_path):
     unlabelled = gnu_tar(tmp_path / "plain", tmp_path / "u.tar", ["k0.jpg", "k1.jpg"])
     with pytest.raises(ShardError, match=rf"no sample in {unlabelled}... has an integer `cls`.*--class-map"):
         build_shardlist([unlabelled])
+    negative = tmp_path / "negative.tar"
+    with tarfile.open(negative, "w") as tar:
+        for name, data in (("k0.cls", b"1"), ("k0.jpg", b"x"), ("k1.cls", b"-2"), ("k1.jpg", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match=rf"shard {negative}: sample 'k1' has label -2; class ids are 0 or more"):
+        build_shardlist([negative])
     result = CliRunner().invoke(main, ["shardlist", str(tmp_path / "nothing-*.tar")])
     assert result.exit_code == 1 and "no file matches" in result.output and "nothing-*.tar" in result.output
     (tmp_path / "other").mkdir()
@@ -295,3 +303,29 @@ def test_shard_size_must_be_positive(tmp_path):
 
     with pytest.raises(ValueError, match="shard_size=0 must be at least 1"):
         write_digits(tmp_path, shard_size=0)
+
+
+def test_adjacent_samples_sharing_a_key_are_refused_not_merged(tmp_path):
+    """Ten samples where the 5th and 6th share a key: webdataset's grouping would read nine. The list refuses
+    the shard, naming it and the key, instead of counting nine."""
+    shard = tmp_path / "dup.tar"
+    keys = [f"k{i}" for i in range(10)]
+    keys[5] = keys[4]
+    with tarfile.open(shard, "w") as tar:
+        for i, key in enumerate(keys):
+            for suffix, data in (("cls", str(i % 3).encode()), ("jpg", _jpeg(i))):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert len(keys) == 10 and len(set(keys)) == 9
+    with pytest.raises(ShardError, match=rf"shard {shard}: sample 'k4' \(position 4\) has two `cls` members: "
+                                         r"two samples in a row share the key 'k4'"):
+        build_shardlist([shard])
+    result = CliRunner().invoke(main, ["shardlist", str(shard)])
+    assert result.exit_code == 1 and "share the key 'k4'" in result.output and "Traceback" not in result.output
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), seed * 20, np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
