@@ -142,11 +142,15 @@ def load_teacher(cfg: TeacherCfg, num_classes: int, device: torch.device | str =
             if weight is not None and weight.ndim >= 1 and weight.shape[0] != num_classes:
                 raise _head_mismatch(f"teacher.checkpoint={path} ({name}.weight {tuple(weight.shape)})",
                                      weight.shape[0], num_classes, data)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        fit = f"teacher.checkpoint={path} does not fit teacher.model={cfg.model!r} (num_classes={num_classes}, " \
+              f"model_args={cfg.model_args})"
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes differ: another width or depth
+            raise TeacherError(f"{fit}: {str(e).splitlines()[1].strip()[:300]}...: name the model (and "
+                               f"teacher.model_args) the checkpoint was trained as") from e
         if missing or unexpected:
-            raise TeacherError(f"teacher.checkpoint={path} does not fit teacher.model={cfg.model!r} "
-                               f"(num_classes={num_classes}, model_args={cfg.model_args}): missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+            raise TeacherError(f"{fit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         sha = file_sha256(path)
     elif cfg.pretrained:
         model = create_model(cfg, None, pretrained=True)  # the weights' own head: never a silent new one

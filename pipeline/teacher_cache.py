@@ -241,7 +241,7 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
         raise ManifestError(f"the class maps of {m.data.train} and {m.data.val} differ: rebuild the shards")
     layouts = layouts_for(m, lists["train"], lists["val"])
     device = pick_device(m.cache.device)
-    teacher = load_teacher(m.teacher, len(lists["train"].classes), device)
+    teacher = load_teacher(m.teacher, len(lists["train"].classes), device, data=f"data.train={m.data.train}")
     attrs = cache_attrs(m, lists["train"], lists["val"], teacher.identity)
     if rank == 0 or barrier is None:
         root = cache.create(m.cache.path, layouts, attrs)
