@@ -160,17 +160,28 @@ def _folder_key(relative: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(relative)[0])
 
 
-def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0) -> Path:
+def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0,
+                      classes: list[str] | None = None) -> Path:
     """Shard a torchvision ImageFolder tree (src/<class>/<image>): one global shuffle drawn from `seed`,
     image bytes copied unchanged under their own (lower-cased) extension, `cls` = class id. Writes
-    out/shard-NNNNNN.tar, out/shardlist.json and out/class_map.json; returns the shard list's path."""
+    out/shard-NNNNNN.tar, out/shardlist.json and out/class_map.json; returns the shard list's path.
+
+    Class ids are the sorted folder names' order, or, with `classes` (a class map, e.g. ImageNet's 1000
+    synsets for a tree holding some of them), each folder's index in that map."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise ShardError(f"source {src} is not a directory: pass --src an ImageFolder tree (src/<class>/<image>)")
     try:
-        classes, class_to_idx = find_classes(src)
+        found, class_to_idx = find_classes(src)
+        if classes is not None:
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise ShardError(f"source {src} has class folders that the class map does not name, e.g. "
+                                 f"{unknown[0]!r}: pass the class map that lists them, or remove the folders")
+            class_to_idx = {name: classes.index(name) for name in found}
+        classes = list(classes) if classes is not None else found
         files = make_dataset(src, class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as e:
         raise ShardError(f"source {src} is not an ImageFolder tree ({e}): lay it out as src/<class>/<image>, "
