@@ -26,13 +26,18 @@ class ManifestError(ValueError):
 
 @dataclass(slots=True)
 class DataCfg:
-    """Where the shards are. `train`/`val` are shard-list JSON files (see `pipeline.shards`)."""
+    """Where the shards are. `train`/`val` are shard-list JSON files (see `pipeline.shards`) or WebDataset URLs:
+    brace patterns, globs, lists, file://, s3://, gs://, http(s)://, pipe: (with `allow_pipe`), or a directory
+    with timm's `_info.json` (see `pipeline.storage`)."""
 
-    train: str = "data/digits/train/shardlist.json"
-    val: str = "data/digits/val/shardlist.json"
+    train: str | list[str] = "data/digits/train/shardlist.json"
+    val: str | list[str] = "data/digits/val/shardlist.json"
     builtin: Literal["digits", "none"] = "digits"  # what `make shards` builds when no SRC is given
     shard_size: int = 300
     on_error: Literal["raise", "skip"] = "raise"
+    class_map: str | None = None  # JSON class names for URL specs (default: "0".."<largest cls>")
+    allow_pipe: bool = False  # pipe: URLs run shell commands: only with this opt-in (or DISTILL_ALLOW_PIPE=1)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for the shards' store
 
 
 @dataclass(slots=True)
@@ -114,7 +119,8 @@ class ViewsCfg:
 
 @dataclass(slots=True)
 class CacheCfg:
-    path: str = "caches/demo"
+    path: str = "caches/demo"  # a local path, file://, s3://, gs:// (any fsspec store)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec/zarr for the cache's store
     epochs: int = 4
     top_k: int = 10
     batch_size: int = 128

@@ -24,7 +24,7 @@ from pipeline import cache, views
 from pipeline.lock import writer_lock
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.reader import read_shard
-from pipeline.shards import ShardList, load_shardlist
+from pipeline.shards import ShardList, data_shardlist
 from pipeline.teacher import Teacher, load_teacher, normalize
 
 VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy")
@@ -236,7 +236,7 @@ def run(m: Manifest, rank: int = 0, world_size: int = 1, barrier=None, progress:
 
 
 def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> dict:
-    lists = {"train": load_shardlist(m.data.train), "val": load_shardlist(m.data.val)}
+    lists = {"train": data_shardlist(m, "train"), "val": data_shardlist(m, "val")}
     if lists["val"].classes != lists["train"].classes:
         raise ManifestError(f"the class maps of {m.data.train} and {m.data.val} differ: rebuild the shards")
     layouts = layouts_for(m, lists["train"], lists["val"])

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_real_smoke_runs_deits_recipe_at_real_sizes(tmp_path):
     out = tmp_path / "real-smoke"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "real-smoke", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "real-smoke", "--out", str(out)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
