@@ -9,7 +9,13 @@ kernel releases it when its holder dies in any way (SIGKILL included), so there 
 
 The cache is named by its resolved real path (symlinks, `..` and relative paths resolved), so every spelling
 of one directory takes the same lock. The locks live beside the cache, not inside it, so they are no part of
-the Zarr hierarchy. Caches on object stores take the lock of `pipeline.storage` instead (see there).
+the Zarr hierarchy.
+
+On S3 (`s3://`) the lock is an object `<cache>.locks/rank<r>-of-<w>.lock` created by a conditional PUT
+(`If-None-Match: *`): of two writers exactly one creates it. An object store cannot tell whether its holder
+still runs, so a lock left by a killed writer stays until it is deleted (the message names the object).
+Stores without a conditional create (gs://, http, memory://, ...) cannot guarantee one writer: a run there
+stops unless `cache.allow_no_lock: true` says that the user guarantees it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ACQUIRE_TRIES = 50  # attempts while another writer is releasing (unlinking) the same lock file
+EXCLUSIVE_CREATE = ("s3", "s3a")  # fsspec protocols whose PUT can be made conditional on absence
 
 
 class WriterLockError(RuntimeError):
@@ -90,14 +97,15 @@ def _is_held(path: Path) -> bool:
     return False
 
 
-def acquire(cache_path: str, rank: int, world_size: int) -> tuple[Path, int] | None:
-    """Take the writer lock of (cache, rank, world size); returns (path, fd), None for a remote cache.
+def acquire(cache_path: str, rank: int, world_size: int, allow_no_lock: bool = False) -> tuple | None:
+    """Take the writer lock of (cache, rank, world size); returns what `release` gives back (None where the
+    store cannot lock and `allow_no_lock` is set).
 
     Raises WriterLockError naming the holder when a live process holds it, or holds a lock of the same
     cache under another world size."""
     directory = lock_dir(cache_path)
     if directory is None:
-        return None
+        return _acquire_remote(cache_path, rank, world_size, allow_no_lock)
     path = directory / f"rank{rank}-of-{world_size}.lock"
     fd = _try_lock(path)
     if fd is None:
@@ -105,9 +113,8 @@ def acquire(cache_path: str, rank: int, world_size: int) -> tuple[Path, int] | N
             f"cache {cache_path} is already being written by rank {rank} of {world_size}: lock "
             f"{_holder_text(path)}. Two writers of the same units would corrupt it: wait for that run to finish "
             f"(it can be resumed later), or stop it; the lock is released when it exits, killed or not")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    os.pwrite(fd, json.dumps(_me()).encode(), 0)
     held = (path, fd)
     for other in sorted(directory.glob("rank*-of-*.lock")):
         if _world_of(other) in (None, world_size):
@@ -115,16 +122,68 @@ def acquire(cache_path: str, rank: int, world_size: int) -> tuple[Path, int] | N
         if _is_held(other):
             text = _holder_text(other)
             release(held)
-            raise WriterLockError(
-                f"cache {cache_path} is being written by a run with world size {_world_of(other)}: lock {text}. "
-                f"A run with world size {world_size} would write the same units: use the same --world-size as "
-                f"that run, or wait for it to finish")
+            raise _other_world(cache_path, world_size, other, text)
     return held
 
 
-def release(held: tuple[Path, int] | None) -> None:
-    """Give the lock back: remove the file while still holding it, then unlock."""
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _other_world(cache_path: str, world_size: int, other, text: str) -> WriterLockError:
+    return WriterLockError(
+        f"cache {cache_path} is being written by a run with world size {_world_of(other)}: lock {text}. "
+        f"A run with world size {world_size} would write the same units: use the same --world-size as "
+        f"that run, or wait for it to finish")
+
+
+def _acquire_remote(cache_path: str, rank: int, world_size: int, allow_no_lock: bool) -> tuple | None:
+    from pipeline import storage
+
+    fs, root = storage.filesystem(cache_path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in EXCLUSIVE_CREATE:
+        if allow_no_lock:
+            return None
+        raise WriterLockError(
+            f"cache {cache_path}: the store ({protocol}://) has no exclusive create, so two writers of this cache "
+            f"could not be stopped from corrupting it. Put the cache on a local or shared filesystem or on S3, or, "
+            f"if you make sure that one teacher-cache run per rank writes it, set cache.allow_no_lock: true")
+    directory = root.rstrip("/") + ".locks"
+    path = f"{directory}/rank{rank}-of-{world_size}.lock"
+    url = fs.unstrip_protocol(path)
+    try:
+        fs.pipe_file(path, json.dumps(_me()).encode(), mode="create")  # If-None-Match: *
+    except FileExistsError:
+        raise WriterLockError(
+            f"cache {cache_path} is already being written by rank {rank} of {world_size}: lock object "
+            f"{_remote_holder(fs, path, url)}. Two writers of the same units would corrupt it: wait for that run to "
+            f"finish (it can be resumed later). An object store cannot tell whether that run still lives: if it "
+            f"was killed, delete {url} and resume") from None
+    held = (fs, path)
+    for other in sorted(fs.glob(f"{directory}/rank*-of-*.lock")):
+        if _world_of(Path(other)) not in (None, world_size):
+            text = _remote_holder(fs, other, fs.unstrip_protocol(other))
+            release(held)
+            raise _other_world(cache_path, world_size, Path(other), text)
+    return held
+
+
+def _remote_holder(fs, path: str, url: str) -> str:
+    try:
+        holder = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return f"{url} (holder unreadable)"
+    return f"{url} (pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')})"
+
+
+def release(held: tuple | None) -> None:
+    """Give the lock back: remove the file while still holding it, then unlock (or delete the lock object)."""
     if held is None:
+        return
+    if not isinstance(held[1], int):
+        fs, path = held
+        fs.rm_file(path)
         return
     path, fd = held
     path.unlink(missing_ok=True)
@@ -136,11 +195,16 @@ def release(held: tuple[Path, int] | None) -> None:
 
 
 @contextmanager
-def writer_lock(cache_path: str, rank: int, world_size: int):
+def writer_lock(cache_path: str, rank: int, world_size: int, allow_no_lock: bool = False):
     """Hold the writer lock of (cache, rank, world size) for the duration of the block; yields the lock
-    file's path (None for a remote cache)."""
-    held = acquire(cache_path, rank, world_size)
+    file's path or object URL (None where the store cannot lock and `allow_no_lock` is set)."""
+    held = acquire(cache_path, rank, world_size, allow_no_lock)
     try:
-        yield None if held is None else held[0]
+        if held is None:
+            yield None
+        elif isinstance(held[1], int):
+            yield held[0]
+        else:
+            yield held[0].unstrip_protocol(held[1])
     finally:
         release(held)

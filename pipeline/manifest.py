@@ -121,6 +121,7 @@ class ViewsCfg:
 class CacheCfg:
     path: str = "caches/demo"  # a local path, file://, s3://, gs:// (any fsspec store)
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec/zarr for the cache's store
+    allow_no_lock: bool = False  # on a store without exclusive create: the user guarantees one writer per rank
     epochs: int = 4
     top_k: int = 10
     batch_size: int = 128

@@ -317,10 +317,7 @@ def data_shardlist(m, split: str) -> ShardList:
     pass, or counts from timm's `_info.json` and the store's checksums) and the result is kept beside the
     cache, in `<cache.path>.shards/<split>.json`, for every later stage and run."""
     spec = getattr(m.data, split)
-    if m.data.allow_pipe:
-        os.environ[storage.PIPE_ENV] = "1"  # inherited by loader workers and torchrun's other ranks' children
-    for url in [spec] if isinstance(spec, str) else spec:
-        storage.configure(url, m.data.storage_options)
+    storage.configure_manifest(m)
     if _is_shardlist_file(spec):
         return load_shardlist(spec)
     index = storage.index_path(m.cache.path, split)

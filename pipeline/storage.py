@@ -250,3 +250,13 @@ def store_checksum(url: str, storage_options: dict | None = None) -> str | None:
         if info.get(key):
             return f"etag:{str(info[key]).strip(chr(34))}"
     return None
+
+
+def configure_manifest(m) -> None:
+    """Apply the manifest's storage options (data and cache) and its pipe: opt-in to this process."""
+    if m.data.allow_pipe:
+        os.environ[PIPE_ENV] = "1"  # inherited by loader workers and by the processes a stage starts
+    for url in [m.data.train, m.data.val]:
+        for one in [url] if isinstance(url, str) else url:
+            configure(one, m.data.storage_options)
+    configure(m.cache.path, m.cache.storage_options)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline import cache, views
+from pipeline import cache, storage, views
 from pipeline.lock import writer_lock
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.reader import read_shard
@@ -231,7 +231,8 @@ def run(m: Manifest, rank: int = 0, world_size: int = 1, barrier=None, progress:
     """Fill the cache for this rank's units, holding the writer lock of (cache, rank, world size) so a second
     writer started by mistake stops before touching it (`pipeline.lock`). `barrier` (a callable) syncs ranks
     after creation under torchrun; independent jobs pass None and rely on creation being idempotent."""
-    with writer_lock(m.cache.path, rank, world_size):
+    storage.configure_manifest(m)  # the cache's store options, before its lock is taken
+    with writer_lock(m.cache.path, rank, world_size, m.cache.allow_no_lock):
         return _fill(m, rank, world_size, barrier, progress)
 
 
