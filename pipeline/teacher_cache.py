@@ -257,7 +257,7 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
                         persistent_workers=False, prefetch_factor=4 if m.cache.workers else None)
     buffers = UnitBuffers(root, layouts, lists)
     started, written = time.time(), 0
-    bar = tqdm(total=total, unit="view", desc=f"teacher-cache rank {rank}", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=total, unit="view", desc=f"teacher-cache rank {rank}", disable=not progress or (barrier is not None and rank != 0), smoothing=0.1)
     for item in loader:
         logits = forward(teacher, item["views"], device)
         written += buffers.add(item, logits) is not None
