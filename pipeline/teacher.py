@@ -53,10 +53,12 @@ def create_model(cfg: TeacherCfg, num_classes: int | None, pretrained: bool = Fa
     except Exception as e:  # downloads fail in many ways (OSError, huggingface_hub's errors, ...)
         if not pretrained:
             raise
+        overlay = ("teacher.pretrained_cfg_overlay: {file: /path/to/weights}" if not cfg.model.startswith("hf-hub:")
+                   else "the timm name with its tag instead of the hf-hub: name (it needs the Hub for its config), "
+                        "e.g. regnety_160.deit_in1k, with teacher.pretrained_cfg_overlay: {file: /path/to/weights}")
         raise TeacherError(f"teacher.model={cfg.model!r}: its pretrained weights could not be loaded ({type(e).__name__}: "
-                           f"{e}). Without network access, point teacher.checkpoint at a local weights file, or "
-                           f"keep teacher.pretrained: true and set teacher.pretrained_cfg_overlay: "
-                           f"{{file: /path/to/weights}}") from e
+                           f"{str(e)[:300]}). Without network access, point teacher.checkpoint at a local weights "
+                           f"file, or keep teacher.pretrained: true and set {overlay}") from e
 
 
 def file_sha256(path: str | Path) -> str:

@@ -3,7 +3,10 @@ with a local file (`pretrained_cfg_overlay`), the identity hash for every dtype,
 the data refused before anything is written. The weights are random, saved by the test in timm's layouts."""
 
 import hashlib
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -154,3 +157,18 @@ def test_identity_hash_covers_every_dtype_and_zero_dim_tensors():
     h.update(b"mask:torch.bool:(3,)" + bytes([1, 0, 1]))
     h.update(b"scalar:torch.bfloat16:()" + torch.tensor([3.5], dtype=torch.bfloat16).view(torch.int16).numpy().tobytes())
     assert state_sha256(flags) == h.hexdigest()
+
+
+def test_pretrained_weights_that_cannot_be_fetched_name_the_offline_fixes(tmp_path):
+    """No network (the Hub in offline mode): timm names and hf-hub: names stop with the way to use local weights."""
+    code = ("from pipeline.manifest import load\nfrom pipeline.teacher import TeacherError, load_teacher\n"
+            "import sys\n"
+            "m = load('manifests/tiny.yaml', ['teacher.checkpoint=null', 'teacher.pretrained=true', "
+            "'teacher.model_args={}', 'teacher.model=' + sys.argv[1]])\n"
+            "try:\n    load_teacher(m.teacher, 1000)\nexcept TeacherError as e:\n    print(e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd(), "HF_HOME": str(tmp_path)}
+    for name, fix in (("regnety_160.deit_in1k", "set teacher.pretrained_cfg_overlay: {file: /path/to/weights}"),
+                      ("hf-hub:timm/regnety_160.deit_in1k", "the timm name with its tag instead of the hf-hub: name")):
+        out = subprocess.run([sys.executable, "-c", code, name], env=env, capture_output=True, text=True, timeout=300)
+        assert f"teacher.model={name!r}: its pretrained weights could not be loaded" in out.stdout, out.stderr[-2000:]
+        assert "point teacher.checkpoint at a local weights file" in out.stdout and fix in out.stdout
