@@ -508,9 +508,17 @@ def local_dir(path: str) -> Path | None:
 
 
 def disk_usage(path: str) -> int | None:
-    """Bytes on disk of a local cache (None for a remote URL)."""
+    """Bytes of a cache on disk, or on its object store (None where the store cannot say)."""
     root = local_dir(path)
-    return None if root is None else sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    if root is not None:
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    from pipeline import storage
+
+    fs, prefix = storage.filesystem(path)
+    try:
+        return int(fs.du(prefix, total=True))
+    except (NotImplementedError, OSError):
+        return None
 
 
 def cached_views(path: str) -> int:

@@ -124,6 +124,7 @@ def test_teacher_cache_and_student_steps_on_s3(setup, tmp_path):
     for name in want:
         assert np.array_equal(got[name], want[name]), name
     assert zarr.open_group(path, mode="r").attrs["fingerprint"] == zarr.open_group(setup["reference"]).attrs["fingerprint"]
+    assert cache.disk_usage(path) == sum(len(fs.cat_file(key)) for key in fs.find("caches/one"))
 
     from pipeline.train import train
 
