@@ -101,6 +101,9 @@ def _groups(url: str, checksum: str | None = None, digest: list | None = None
                     problems.append(f"has two `{suffix}` members: keep one")
                 members[suffix] = member["data"]
             stream.drain()  # the tar's end-of-archive padding
+    except FileNotFoundError:
+        raise ShardError(f"shard {url} does not exist: restore it, or fix the data spec (data.train / data.val) "
+                         f"so it names only shards that exist") from None
     except (tarfile.TarError, EOFError, OSError) as e:
         where = f" after sample {key!r}" if key is not None else ""
         raise ShardError(f"shard {url} is truncated or not a tar file (reading failed{where}: "

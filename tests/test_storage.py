@@ -131,3 +131,12 @@ def test_a_shard_replaced_after_listing_stops_stage_1_and_stage_2(work, tmp_path
         train(load(TINY, _overrides(work, tmp_path, spec, str(data / "val" / "part-*.tar"))
                    + ["cache.epochs=1", "student.epochs=1", f"student.run_dir={tmp_path / 'run'}", "student.device=cpu",
                       "student.shuffle_buffer=4"]), progress=False)
+
+
+def test_a_missing_shard_in_a_brace_pattern_is_named(work, tmp_path):
+    spec = str(work / "shards" / "train" / "part-{000000..000006}.tar")  # one shard more than there are
+    m = load(TINY, _overrides(work, tmp_path, spec))
+    with pytest.raises(ShardError, match=re.escape(f"shard {work / 'shards' / 'train' / 'part-000006.tar'} does not "
+                                                   f"exist")):
+        data_shardlist(m, "train")
+    assert not (tmp_path / "cache.shards").exists()
