@@ -140,3 +140,29 @@ def test_a_missing_shard_in_a_brace_pattern_is_named(work, tmp_path):
                                                    f"exist")):
         data_shardlist(m, "train")
     assert not (tmp_path / "cache.shards").exists()
+
+
+def test_http_urls_through_fsspec(work, tmp_path):
+    """Shards served over HTTP by a server on 127.0.0.1: listed and read as local ones are."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(work / "shards"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        m = load(TINY, _overrides(work, tmp_path, f"{base}/train/part-{{000000..000005}}.tar"))
+        shardlist = data_shardlist(m, "train")
+        assert _entries(shardlist) == _expected(work)
+        assert shardlist.shards[0].url == f"{base}/train/part-000000.tar"
+        local = load_shardlist(work / "shards" / "train" / "shardlist.json")
+        for i in range(len(shardlist.shards)):
+            got = [(s.key, s.label, s.image.tobytes()) for s in read_shard(shardlist, i)]
+            assert got == [(s.key, s.label, s.image.tobytes()) for s in read_shard(local, i)]
+    finally:
+        server.shutdown()
+        server.server_close()
