@@ -22,7 +22,7 @@ DISTILL := $(VENV)/bin/distill
 STAMP   := $(VENV)/.installed
 
 .PHONY: install test demo shards shardlist teacher teacher-cache train-student sweep stats \
-        inspect-view verify-cache bench clean
+        inspect-view verify-cache bench real-smoke clean
 
 install: $(STAMP)
 
@@ -66,6 +66,9 @@ verify-cache: $(STAMP)
 
 bench: $(STAMP)
 	$(DISTILL) bench $(ARGS)
+
+real-smoke: $(STAMP)
+	$(DISTILL) real-smoke $(ARGS)
 
 clean:
 	rm -rf data caches runs bench

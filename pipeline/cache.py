@@ -110,7 +110,7 @@ def create(path: str, layouts: dict[str, CacheLayout], attrs: dict[str, Any]) ->
 
     Never overwrites: arrays that already exist (a creation killed half-way, or an independent job that
     created them first) are checked against the layout and kept; the attributes are written last."""
-    root = zarr.open_group(path, mode="a")
+    root = zarr.open_group(store_url(path), mode="a")
     if SCHEMA_KEY in root.attrs:
         check_fingerprint(root, attrs)
         want = layouts["train"].epochs
@@ -176,7 +176,7 @@ def _short(value: Any, limit: int = 200) -> str:
 def open_cache(path: str, mode: str = "r") -> zarr.Group:
     """Open an existing cache; a clear error if there is none."""
     try:
-        root = zarr.open_group(path, mode=mode)
+        root = zarr.open_group(store_url(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise CacheError(f"no teacher cache at {path}: run `make teacher-cache` first (or pass CACHE=...)") from e
     if root.attrs.get(SCHEMA_KEY) != SCHEMA:
@@ -493,6 +493,13 @@ def _read(root: zarr.Group, split: str, arr: zarr.Array, selection) -> np.ndarra
         raise
 
 
+def store_url(path: str) -> str:
+    """What zarr opens: a local directory for a plain path or file:// URL (zarr's LocalStore, whose chunk files
+    are fsynced), else the URL (zarr's FsspecStore; storage options come from `storage.configure`)."""
+    local = local_dir(path)
+    return str(local) if local is not None else path
+
+
 def local_dir(path: str) -> Path | None:
     """The directory of a cache on the local filesystem (plain path or file:// URL); None for a remote URL."""
     if "://" in path and not path.startswith("file://"):
@@ -501,9 +508,17 @@ def local_dir(path: str) -> Path | None:
 
 
 def disk_usage(path: str) -> int | None:
-    """Bytes on disk of a local cache (None for a remote URL)."""
+    """Bytes of a cache on disk, or on its object store (None where the store cannot say)."""
     root = local_dir(path)
-    return None if root is None else sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    if root is not None:
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    from pipeline import storage
+
+    fs, prefix = storage.filesystem(path)
+    try:
+        return int(fs.du(prefix, total=True))
+    except (NotImplementedError, OSError):
+        return None
 
 
 def cached_views(path: str) -> int:

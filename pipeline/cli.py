@@ -21,6 +21,7 @@ COMMANDS = {
     "verify-cache": "stages.verify_cache:verify_cache",
     "bench": "stages.bench:bench",
     "demo": "stages.demo:demo",
+    "real-smoke": "stages.real_smoke:real_smoke",
 }
 
 

@@ -26,13 +26,18 @@ class ManifestError(ValueError):
 
 @dataclass(slots=True)
 class DataCfg:
-    """Where the shards are. `train`/`val` are shard-list JSON files (see `pipeline.shards`)."""
+    """Where the shards are. `train`/`val` are shard-list JSON files (see `pipeline.shards`) or WebDataset URLs:
+    brace patterns, globs, lists, file://, s3://, gs://, http(s)://, pipe: (with `allow_pipe`), or a directory
+    with timm's `_info.json` (see `pipeline.storage`)."""
 
-    train: str = "data/digits/train/shardlist.json"
-    val: str = "data/digits/val/shardlist.json"
+    train: str | list[str] = "data/digits/train/shardlist.json"
+    val: str | list[str] = "data/digits/val/shardlist.json"
     builtin: Literal["digits", "none"] = "digits"  # what `make shards` builds when no SRC is given
     shard_size: int = 300
     on_error: Literal["raise", "skip"] = "raise"
+    class_map: str | None = None  # JSON class names for URL specs (default: "0".."<largest cls>")
+    allow_pipe: bool = False  # pipe: URLs run shell commands: only with this opt-in (or DISTILL_ALLOW_PIPE=1)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for the shards' store
 
 
 @dataclass(slots=True)
@@ -48,12 +53,16 @@ class TeacherTrainCfg:
 
 @dataclass(slots=True)
 class TeacherCfg:
-    """A timm model: `pretrained: true` loads timm's weights for `model` (e.g. `regnety_160.deit_in1k`);
-    otherwise `checkpoint` is a local state dict (plain, or DeiT's `{'model': ...}` layout)."""
+    """A timm model: `pretrained: true` loads timm's weights for `model` (a name with its pretrained tag,
+    e.g. `regnety_160.deit_in1k`, or `hf-hub:org/name`; `pretrained_cfg_overlay: {file: ...}` takes them from a
+    local file); otherwise `checkpoint` is a local weights file in any layout timm reads (plain, `state_dict`,
+    `model`, `module.` prefixes, `.safetensors`), its EMA weights when `use_ema`."""
 
     model: str = "regnety_160.deit_in1k"
     pretrained: bool = False
     checkpoint: str | None = None
+    use_ema: bool = False
+    pretrained_cfg_overlay: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)
     img_size: int = 224
     train: TeacherTrainCfg = field(default_factory=TeacherTrainCfg)
@@ -113,7 +122,9 @@ class ViewsCfg:
 
 @dataclass(slots=True)
 class CacheCfg:
-    path: str = "caches/demo"
+    path: str = "caches/demo"  # a local path, file://, s3://, gs:// (any fsspec store)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec/zarr for the cache's store
+    allow_no_lock: bool = False  # on a store without exclusive create: the user guarantees one writer per rank
     epochs: int = 4
     top_k: int = 10
     batch_size: int = 128

@@ -29,8 +29,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from pipeline import storage
 
 if TYPE_CHECKING:
     from pipeline.shards import ShardList
@@ -66,19 +67,27 @@ class Span(NamedTuple):
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _groups(url: str) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
+def _groups(url: str, checksum: str | None = None, digest: list | None = None
+            ) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
     """Yield (key, {suffix: bytes}, problems) per run of members sharing a key, in tar order.
 
     webdataset's `group_by_keys` is not used because it raises at the first duplicate member, so a skip
     policy could not go on reading with positions intact; here a bad group stays a position and carries
-    its problems. Structural damage (unreadable or truncated tar) raises ShardError."""
+    its problems. Structural damage (unreadable or truncated tar) raises ShardError.
+
+    The bytes are hashed as they stream past; read to the end, the shard's sha256 is appended to `digest` and
+    compared with `checksum` (a sha256 hex digest, or `etag:<value>`: the store's own checksum, compared before
+    reading). A shard read only in part is not checked."""
     parsed = urlparse(url)
-    if parsed.scheme in ("", "file") and not os.path.isfile(parsed.path if parsed.scheme else url):
+    if parsed.scheme in ("", "file") and not os.path.isfile(storage.local_path(url)):
         raise ShardError(f"shard {url} does not exist: restore the file, or rebuild the shard list with "
                          f"`make shardlist` so it lists only shards that exist")
+    if checksum and checksum.startswith("etag:"):
+        _check_etag(url, checksum)
+        checksum = None
     key, members, problems = None, {}, []
     try:
-        with gopen(url) as stream:
+        with storage.HashingReader(storage.open_stream(url)) as stream:
             for member in tar_file_iterator(stream):
                 prefix, suffix = base_plus_ext(member["fname"])
                 if prefix is None:  # no dot in the name: not part of any sample (webdataset ignores it too)
@@ -91,12 +100,37 @@ def _groups(url: str) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
                 if suffix in members:
                     problems.append(f"has two `{suffix}` members: keep one")
                 members[suffix] = member["data"]
+            stream.drain()  # the tar's end-of-archive padding
+    except FileNotFoundError:
+        raise ShardError(f"shard {url} does not exist: restore it, or fix the data spec (data.train / data.val) "
+                         f"so it names only shards that exist") from None
     except (tarfile.TarError, EOFError, OSError) as e:
         where = f" after sample {key!r}" if key is not None else ""
         raise ShardError(f"shard {url} is truncated or not a tar file (reading failed{where}: "
                          f"{str(e).split(' @ ')[0]}): copy it again or rebuild it") from None
+    except storage.StorageError as e:
+        raise ShardError(str(e)) from None
+    if checksum and stream.hexdigest() != checksum:
+        raise ShardError(f"shard {url} has sha256 {stream.hexdigest()}, but {checksum} was recorded when the shards "
+                         f"were listed: the shard changed since. Restore the original shard, or, if the new one is "
+                         f"meant, list the shards again (`make shardlist`, or delete the scan kept beside the "
+                         f"cache, <cache.path>.shards/) and write a new cache: the old one was made from other data")
+    if digest is not None:
+        digest.append(stream.hexdigest())
     if key is not None:
         yield key, members, problems
+
+
+def _check_etag(url: str, recorded: str) -> None:
+    try:
+        now = storage.store_checksum(url)
+    except FileNotFoundError:
+        raise ShardError(f"shard {url} does not exist: restore it, or list the shards again") from None
+    if now != recorded:
+        raise ShardError(f"shard {url} has the store checksum {now}, but {recorded} was recorded when the shards "
+                         f"were listed: the object changed since. Restore the original, or, if the new one is meant, "
+                         f"list the shards again (delete the scan kept beside the cache, <cache.path>.shards/) and "
+                         f"write a new cache")
 
 
 def _label(members: dict[str, bytes]) -> tuple[int | None, str | None]:
@@ -126,11 +160,21 @@ def _image(members: dict[str, bytes], decode: bool) -> tuple[Image.Image | bytes
         return None, f"has `{found[0]}` bytes that do not decode as an image ({e}): re-encode or remove the sample"
 
 
-def scan_shard(url: str) -> list[tuple[str, int | None]]:
-    """(key, label or None where `cls` is missing or not an integer) for every position of a shard.
+def scan_shard(url: str, digest: list | None = None) -> list[tuple[str, int | None]]:
+    """(key, label or None where `cls` is missing or not an integer) for every position of a shard; the
+    shard's sha256, taken in the same pass, is appended to `digest`.
 
-    Used to build shard lists; it does not decode images."""
-    return [(key, _label(members)[0]) for key, members, _ in _groups(url)]
+    Used to build shard lists; it does not decode images. A run of members holding one suffix twice is
+    refused: it is two samples in a row under one key (or one sample with a member twice), and counting it as
+    one sample would shift every later position."""
+    scanned = []
+    for key, members, problems in _groups(url, digest=digest):
+        if problems:  # grouping finds only repeated members
+            raise ShardError(f"shard {url}: sample {key!r} (position {len(scanned)}) {problems[0].split(':')[0]}: "
+                             f"two samples in a row share the key {key!r}, or one sample holds a member twice. "
+                             f"Give every sample its own key (rename the members of one of them) and rebuild the shard")
+        scanned.append((key, _label(members)[0]))
+    return scanned
 
 
 def read_shard(shardlist: ShardList, shard_index: int, *, start: int = 0, stop: int | None = None,
@@ -146,12 +190,13 @@ def read_shard(shardlist: ShardList, shard_index: int, *, start: int = 0, stop: 
     if not 0 <= shard_index < len(shardlist.shards):
         raise IndexError(f"shard index {shard_index} is outside {shardlist.path} ({len(shardlist.shards)} shards)")
     url, expected = shardlist.shards[shard_index].url, shardlist.shards[shard_index].samples
+    checksum = shardlist.shards[shard_index].sha256
     stop = expected if stop is None else stop
     if not 0 <= start <= stop <= expected:
         raise IndexError(f"positions [{start}, {stop}) are outside shard {url} ({expected} samples in {shardlist.path})")
     num_classes = len(shardlist.classes)
     first_seen: dict[str, int] = {}
-    groups = _groups(url)
+    groups = _groups(url, checksum)
     following = next(groups, None)
     if following is None:
         raise ShardError(f"shard {url} is empty (no samples): remove it and rebuild the shard list with `make shardlist`")

@@ -22,7 +22,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -30,6 +30,7 @@ from PIL import Image
 from webdataset import TarWriter
 from webdataset.shardlists import expand_urls
 
+from pipeline import storage
 from pipeline.reader import IMAGE_SUFFIXES, ShardError, scan_shard
 
 SHARDLIST_FORMAT = "distill-shardlist/1"
@@ -69,11 +70,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode()
-
-
-def _sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _tar_bytes(samples: list[dict]) -> bytes:
@@ -161,17 +157,28 @@ def _folder_key(relative: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(relative)[0])
 
 
-def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0) -> Path:
+def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0,
+                      classes: list[str] | None = None) -> Path:
     """Shard a torchvision ImageFolder tree (src/<class>/<image>): one global shuffle drawn from `seed`,
     image bytes copied unchanged under their own (lower-cased) extension, `cls` = class id. Writes
-    out/shard-NNNNNN.tar, out/shardlist.json and out/class_map.json; returns the shard list's path."""
+    out/shard-NNNNNN.tar, out/shardlist.json and out/class_map.json; returns the shard list's path.
+
+    Class ids are the sorted folder names' order, or, with `classes` (a class map, e.g. ImageNet's 1000
+    synsets for a tree holding some of them), each folder's index in that map."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise ShardError(f"source {src} is not a directory: pass --src an ImageFolder tree (src/<class>/<image>)")
     try:
-        classes, class_to_idx = find_classes(src)
+        found, class_to_idx = find_classes(src)
+        if classes is not None:
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise ShardError(f"source {src} has class folders that the class map does not name, e.g. "
+                                 f"{unknown[0]!r}: pass the class map that lists them, or remove the folders")
+            class_to_idx = {name: classes.index(name) for name in found}
+        classes = list(classes) if classes is not None else found
         files = make_dataset(src, class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as e:
         raise ShardError(f"source {src} is not an ImageFolder tree ({e}): lay it out as src/<class>/<image>, "
@@ -232,32 +239,14 @@ def build_shardlist(paths: Iterable[str | Path], out: str | Path | None = None,
     if len(set(map(os.path.abspath, paths))) < len(paths):
         twice = next(p for p in paths if paths.count(p) > 1)
         raise ShardError(f"shard {twice} is given twice: list each shard once")
-    entries, top, shard_labels = [], None, []  # top: (label, url, key) of the largest label seen
     for path in paths:
         if not os.path.isfile(path):
             raise ShardError(f"shard {path} does not exist: check the path or the glob")
-        scanned = scan_shard(path)
-        if not scanned:
-            raise ShardError(f"shard {path} is empty (no samples): delete it or leave it out of the list")
-        for key, label in scanned:
-            if label is not None and (top is None or label > top[0]):
-                top = (label, path, key)
-        entries.append((path, len(scanned), _sha256(path)))
-        shard_labels.append([label for _, label in scanned])
-    if classes is None:
-        if top is None:
-            raise ShardError(f"no sample in {paths[0]}... has an integer `cls` member: give the class names "
-                             f"(--class-map) or fix the shards")
-        classes = [str(i) for i in range(top[0] + 1)]
-    classes = list(classes)
-    if top is not None and top[0] >= len(classes):
-        raise ShardError(f"shard {top[1]}: sample {top[2]!r} has label {top[0]}, outside the {len(classes)} "
-                         f"given classes: pass the full class map or fix the `cls` member")
-    warn_if_class_ordered(paths, shard_labels, len(classes))
+    scanned = build_shardlist_urls(paths, classes)
     base = os.path.dirname(os.path.abspath(out)) if out is not None else None
-    shards = [{"url": os.path.relpath(os.path.abspath(p), base) if base else os.path.abspath(p),
-               "samples": n, "sha256": sha} for p, n, sha in entries]
-    shardlist = {"format": SHARDLIST_FORMAT, "classes": classes, "shards": shards}
+    shards = [{**e, "url": os.path.relpath(os.path.abspath(e["url"]), base) if base else os.path.abspath(e["url"])}
+              for e in scanned["shards"]]
+    shardlist = {**scanned, "shards": shards}
     if out is not None:
         _write_atomic(Path(out), _json_bytes(shardlist))
     return shardlist
@@ -333,23 +322,116 @@ def load_shardlist(path: str | Path) -> ShardList:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShardError(f"shard list {path} is not valid JSON ({e}): {rebuild}") from None
+    return parse_shardlist(data, str(path), path.parent, rebuild)
+
+
+def parse_shardlist(data: Any, where: str, base: Path | None, rebuild: str) -> ShardList:
+    """Check a shard list's content; relative urls are resolved against `base`."""
     if not isinstance(data, dict) or data.get("format") != SHARDLIST_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ShardError(f"shard list {path} has format {found!r}, not {SHARDLIST_FORMAT!r}: {rebuild}")
+        raise ShardError(f"shard list {where} has format {found!r}, not {SHARDLIST_FORMAT!r}: {rebuild}")
     classes = data.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ShardError(f"shard list {path}: `classes` must be a non-empty list of class names: {rebuild}")
+        raise ShardError(f"shard list {where}: `classes` must be a non-empty list of class names: {rebuild}")
     if not isinstance(data.get("shards"), list) or not data["shards"]:
-        raise ShardError(f"shard list {path}: `shards` must be a non-empty list: {rebuild}")
+        raise ShardError(f"shard list {where}: `shards` must be a non-empty list: {rebuild}")
     shards = []
     for i, entry in enumerate(data["shards"]):
         ok = (isinstance(entry, dict) and isinstance(entry.get("url"), str) and isinstance(entry.get("sha256"), str)
               and isinstance(entry.get("samples"), int) and not isinstance(entry["samples"], bool))
         if not ok or entry["samples"] < 1:
-            raise ShardError(f"shard list {path}: shards[{i}] = {entry!r} needs a url, samples >= 1 and a sha256: {rebuild}")
-        url = _resolve(entry["url"], path.parent)
+            raise ShardError(f"shard list {where}: shards[{i}] = {entry!r} needs a url, samples >= 1 and a sha256: {rebuild}")
+        url = _resolve(entry["url"], base) if base is not None else entry["url"]
         if urlparse(url).scheme == "" and not os.path.isfile(url):
-            raise ShardError(f"shard list {path} lists shard {url}, which does not exist: restore the shard, or "
+            raise ShardError(f"shard list {where} lists shard {url}, which does not exist: restore the shard, or "
                              f"rebuild the list with `make shardlist` so it lists only shards that exist")
         shards.append(ShardEntry(url, entry["samples"], entry["sha256"]))
-    return ShardList(str(path), tuple(classes), tuple(shards))
+    return ShardList(where, tuple(classes), tuple(shards))
+
+
+# --------------------------------------------------------------------------------------------- data specs
+
+
+def _is_shardlist_file(spec) -> bool:
+    return isinstance(spec, str) and spec.endswith(".json") and not storage.is_remote(spec)
+
+
+def data_shardlist(m, split: str) -> ShardList:
+    """The shard list of `data.<split>` (train or val), whatever form the spec takes (see `pipeline.storage`):
+    a shard-list JSON is read as it is; any other spec is scanned once (counts and sha256 in one streaming
+    pass, or counts from timm's `_info.json` and the store's checksums) and the result is kept beside the
+    cache, in `<cache.path>.shards/<split>.json`, for every later stage and run."""
+    spec = getattr(m.data, split)
+    storage.configure_manifest(m)
+    if _is_shardlist_file(spec):
+        return load_shardlist(spec)
+    index = storage.index_path(m.cache.path, split)
+    source = {"spec": spec, "class_map": m.data.class_map}
+    known = storage.read_json(index, m.cache.storage_options)
+    if isinstance(known, dict) and known.get("source") == source:
+        return parse_shardlist(known, index, None, f"delete {index} to scan the shards again")
+    if m.data.class_map:
+        classes = load_class_map(m.data.class_map)
+    elif split != "train":
+        classes = list(data_shardlist(m, "train").classes)  # val uses the train split's class ids
+    else:
+        classes = None
+    listing = scan_spec(spec, split, m.data.allow_pipe, classes)
+    listing["source"] = source
+    storage.write_json_atomic(index, listing, m.cache.storage_options)
+    return parse_shardlist(listing, index, None, f"delete {index} to scan the shards again")
+
+
+def scan_spec(spec, split: str, allow_pipe: bool = False, classes: list[str] | None = None) -> dict:
+    """A shard list (as a dict, absolute urls) for a data spec: brace patterns, globs, lists, URLs, or a
+    directory with timm's `_info.json` (its counts, with the store's checksums where it has them)."""
+    try:
+        info = None
+        if isinstance(spec, str) and not spec.startswith("pipe:") and not glob.has_magic(spec) and "{" not in spec:
+            info = storage.info_split(spec, split)
+        if info is None:
+            return build_shardlist_urls(storage.expand(spec, allow_pipe), classes)
+    except storage.StorageError as e:
+        raise ShardError(f"data.{split}: {e}") from None
+    entries = []
+    for url, samples in info:
+        checksum = storage.store_checksum(url)
+        if checksum is None:  # local files: one hashing pass, no tar parsing
+            with storage.HashingReader(storage.open_stream(url)) as stream:
+                stream.drain()
+            checksum = stream.hexdigest()
+        entries.append({"url": url, "samples": samples, "sha256": checksum})
+    if classes is None:
+        raise ShardError(f"data.{split}={spec!r} takes its counts from _info.json, which names no classes: set "
+                         f"data.class_map to a JSON list of the class names (e.g. ImageNet's 1000 synsets)")
+    return {"format": SHARDLIST_FORMAT, "classes": list(classes), "shards": entries}
+
+
+def build_shardlist_urls(urls: list[str], classes: list[str] | None) -> dict:
+    """`build_shardlist` for URLs of any store: one streaming pass per shard gives its count and sha256."""
+    entries, top, shard_labels = [], None, []
+    classes = None if classes is None else list(classes)
+    for url in urls:
+        digest = []
+        scanned = scan_shard(url, digest)
+        if not scanned:
+            raise ShardError(f"shard {url} is empty (no samples): delete it or leave it out of the list")
+        for key, label in scanned:
+            if label is not None and label < 0:
+                raise ShardError(f"shard {url}: sample {key!r} has label {label}; class ids are 0 or more: fix its "
+                                 f"`cls` member")
+            if label is not None and (top is None or label > top[0]):
+                top = (label, url, key)
+        entries.append({"url": url, "samples": len(scanned), "sha256": digest[0]})
+        shard_labels.append([label for _, label in scanned])
+    if classes is None:
+        if top is None:
+            raise ShardError(f"no sample in {urls[0]}... has an integer `cls` member: give the class names "
+                             f"(--class-map, or data.class_map) or fix the shards")
+        classes = [str(i) for i in range(top[0] + 1)]
+    if top is not None and top[0] >= len(classes):
+        raise ShardError(f"shard {top[1]}: sample {top[2]!r} has label {top[0]}, outside the {len(classes)} "
+                         f"given classes: pass the full class map (--class-map, or data.class_map) or fix the "
+                         f"`cls` member")
+    warn_if_class_ordered(urls, shard_labels, len(classes))
+    return {"format": SHARDLIST_FORMAT, "classes": list(classes), "shards": entries}

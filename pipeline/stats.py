@@ -28,7 +28,7 @@ from pipeline import cache, views
 from pipeline.losses import sparse_teacher_log_probs
 from pipeline.manifest import ManifestError, from_dict
 from pipeline.reader import read_shard
-from pipeline.shards import load_shardlist
+from pipeline.shards import data_shardlist
 from pipeline.student import create_student, heads
 from pipeline.teacher import normalize
 from pipeline.train import CHECKPOINT, RESULT
@@ -263,7 +263,7 @@ def _predict_from_checkpoint(run_dir: Path, result: dict, root, cache_path: str,
     except ManifestError as e:
         raise StatsError(f"{run_dir / RESULT}: its config is not a valid run spec any more ({e}); write the run's "
                          f"{PREDICTIONS} with the code that trained it, or leave this run out") from None
-    shardlist = load_shardlist(m.data.val)
+    shardlist = data_shardlist(m, "val")
     cached = [tuple(entry) for entry in root.attrs["shards"]["val"]]
     listed = [(Path(s.url).name, s.samples, s.sha256) for s in shardlist.shards]
     if listed != cached:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from pipeline import cache, views
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.reader import Span, dataloader_worker, plan_epoch, read_shard
-from pipeline.shards import ShardList, load_shardlist
+from pipeline.shards import ShardList, data_shardlist
 from pipeline.teacher_cache import library_versions
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class TrainSet:
 def open_train_set(m: Manifest, root, world_size: int = 1, teacher_size: int | None = None) -> TrainSet:
     """The train set of an opened cache; `teacher_size`: also render every view at that size when it differs
     from the student's (for a teacher run online)."""
-    shardlist = load_shardlist(m.data.train)
+    shardlist = data_shardlist(m, "train")
     layout = cache.layout_of(root, "train")
     counts = [n for _, n, _ in root.attrs["shards"]["train"]]
     in_shard = np.arange(layout.positions)[None, :] < np.array(counts)[:, None]

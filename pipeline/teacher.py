@@ -34,24 +34,31 @@ class Teacher:
     identity: dict  # name, weights sha256, input size: goes into the cache attributes
 
 
-def create_model(cfg: TeacherCfg, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
+def create_model(cfg: TeacherCfg, num_classes: int | None, pretrained: bool = False) -> torch.nn.Module:
+    """`cfg.model` from timm; `num_classes=None` keeps the head of the pretrained config (1000 for ImageNet tags)."""
+    kwargs = dict(cfg.model_args)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if cfg.pretrained_cfg_overlay:
+        kwargs["pretrained_cfg_overlay"] = dict(cfg.pretrained_cfg_overlay)
     try:
-        return timm.create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, **cfg.model_args)
+        return timm.create_model(cfg.model, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise TeacherError(f"teacher.model={cfg.model!r} is not a timm model; e.g. regnety_160.deit_in1k "
                                f"(timm.list_models('regnety*') lists the family)") from e
         raise TeacherError(f"teacher.model={cfg.model!r} could not be created: {e}. If pretrained weights "
-                           f"cannot be downloaded here, set teacher.checkpoint to a local file") from e
-
-
-def _state_dict_from_file(path: Path) -> dict:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]  # DeiT's {'model': ..., 'optimizer': ...} layout
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise TeacherError(f"teacher.checkpoint={path} holds no state dict (plain, or DeiT's {{'model': ...}})")
-    return obj
+                           f"cannot be downloaded here, set teacher.checkpoint to a local file, or "
+                           f"teacher.pretrained_cfg_overlay: {{file: /path/to/weights}}") from e
+    except Exception as e:  # downloads fail in many ways (OSError, huggingface_hub's errors, ...)
+        if not pretrained:
+            raise
+        overlay = ("teacher.pretrained_cfg_overlay: {file: /path/to/weights}" if not cfg.model.startswith("hf-hub:")
+                   else "the timm name with its tag instead of the hf-hub: name (it needs the Hub for its config), "
+                        "e.g. regnety_160.deit_in1k, with teacher.pretrained_cfg_overlay: {file: /path/to/weights}")
+        raise TeacherError(f"teacher.model={cfg.model!r}: its pretrained weights could not be loaded ({type(e).__name__}: "
+                           f"{str(e)[:300]}). Without network access, point teacher.checkpoint at a local weights "
+                           f"file, or keep teacher.pretrained: true and set {overlay}") from e
 
 
 def file_sha256(path: str | Path) -> str:
@@ -63,16 +70,22 @@ def file_sha256(path: str | Path) -> str:
 
 
 def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every entry of the state dict: name, dtype, shape and raw bytes. Works for any dtype
+    (bfloat16, bool, int64) and for 0-dim tensors such as BatchNorm's `num_batches_tracked`."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def _identity(cfg: TeacherCfg, sha: str, pcfg: dict) -> dict:
-    return {"model": cfg.model, "model_args": cfg.model_args, "sha256": sha, "img_size": cfg.img_size,
-            "mean": list(pcfg["mean"]), "std": list(pcfg["std"]), "crop_pct": pcfg.get("crop_pct", 0.875)}
+    identity = {"model": cfg.model, "model_args": cfg.model_args, "sha256": sha, "img_size": cfg.img_size,
+                "mean": list(pcfg["mean"]), "std": list(pcfg["std"]), "crop_pct": pcfg.get("crop_pct", 0.875)}
+    if cfg.use_ema:  # the same file holds both weights: the choice is part of the identity
+        identity["use_ema"] = True
+    return identity
 
 
 def _checkpoint_path(cfg: TeacherCfg) -> Path:
@@ -81,6 +94,78 @@ def _checkpoint_path(cfg: TeacherCfg) -> Path:
         raise TeacherError(f"teacher.checkpoint={path} does not exist: run `make teacher` to train the demo "
                            f"teacher, or point teacher.checkpoint at a local weights file")
     return path
+
+
+def _classifier_names(model: torch.nn.Module) -> list[str]:
+    """The classifier module(s) named by the model's pretrained config ('head.fc' for RegNetY, 'head' and
+    'head_dist' for distilled ViTs)."""
+    names = model.pretrained_cfg.get("classifier") or []
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _head_mismatch(what: str, head: int, num_classes: int, data: str) -> TeacherError:
+    return TeacherError(
+        f"{what} has a {head}-class head, but the data has {num_classes} classes ({data}): the teacher's "
+        f"class ids would not be the data's. Use a teacher whose head was trained on these {num_classes} classes "
+        f"(teacher.checkpoint), or shards labelled with the teacher's {head} classes (for ImageNet-1k weights, "
+        f"the standard 1000-class map)")
+
+
+def read_checkpoint(cfg: TeacherCfg) -> dict[str, torch.Tensor]:
+    """The state dict in `teacher.checkpoint`, in every layout timm's `load_state_dict` reads: a plain state
+    dict, `{'state_dict': ...}` (timm's train.py), `{'model': ...}` (DeiT), `module.`/`_orig_mod.` prefixes,
+    `.safetensors`; `teacher.use_ema` picks `state_dict_ema`/`model_ema` where present. Never unpickles
+    anything but tensors and plain containers."""
+    path = _checkpoint_path(cfg)
+    try:
+        state = timm.models.load_state_dict(str(path), use_ema=cfg.use_ema, weights_only=True)
+    except Exception as e:  # torch.load / safetensors raise many types for foreign or damaged files
+        raise TeacherError(f"teacher.checkpoint={path} cannot be read as weights ({type(e).__name__}: {e}): "
+                           f"pass a PyTorch state dict (plain, {{'state_dict': ...}}, {{'model': ...}}) or a "
+                           f".safetensors file") from e
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TeacherError(f"teacher.checkpoint={path} holds no state dict (plain, {{'state_dict': ...}}, "
+                           f"{{'model': ...}}, or .safetensors)")
+    return state
+
+
+def load_teacher(cfg: TeacherCfg, num_classes: int, device: torch.device | str = "cpu",
+                 data: str = "data.train") -> Teacher:
+    """The frozen teacher in eval mode with its own normalisation (from its pretrained config).
+
+    Refuses, before anything is written, a teacher whose head has another class count than the data's
+    (`data` names the data in the message)."""
+    if cfg.checkpoint:
+        path = _checkpoint_path(cfg)
+        state = read_checkpoint(cfg)
+        model = create_model(cfg, num_classes)
+        for name in _classifier_names(model):
+            weight = state.get(f"{name}.weight")
+            if weight is not None and weight.ndim >= 1 and weight.shape[0] != num_classes:
+                raise _head_mismatch(f"teacher.checkpoint={path} ({name}.weight {tuple(weight.shape)})",
+                                     weight.shape[0], num_classes, data)
+        fit = f"teacher.checkpoint={path} does not fit teacher.model={cfg.model!r} (num_classes={num_classes}, " \
+              f"model_args={cfg.model_args})"
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes differ: another width or depth
+            raise TeacherError(f"{fit}: {str(e).splitlines()[1].strip()[:300]}...: name the model (and "
+                               f"teacher.model_args) the checkpoint was trained as") from e
+        if missing or unexpected:
+            raise TeacherError(f"{fit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        sha = file_sha256(path)
+    elif cfg.pretrained:
+        model = create_model(cfg, None, pretrained=True)  # the weights' own head: never a silent new one
+        if model.num_classes != num_classes:
+            raise _head_mismatch(f"the pretrained teacher.model={cfg.model!r}", model.num_classes, num_classes, data)
+        sha = state_sha256(model)
+    else:
+        raise TeacherError("the teacher has no weights: set teacher.checkpoint to a local file, or "
+                           "teacher.pretrained: true for timm's weights (e.g. regnety_160.deit_in1k)")
+    model.eval().requires_grad_(False).to(device)
+    pcfg = model.pretrained_cfg
+    identity = _identity(cfg, sha, pcfg)
+    return Teacher(model, tuple(pcfg["mean"]), tuple(pcfg["std"]), identity["crop_pct"], identity)
 
 
 def teacher_identity(cfg: TeacherCfg, num_classes: int) -> dict:
@@ -93,30 +178,6 @@ def teacher_identity(cfg: TeacherCfg, num_classes: int) -> dict:
     except (AttributeError, RuntimeError):
         pcfg = create_model(cfg, num_classes).pretrained_cfg
     return _identity(cfg, file_sha256(_checkpoint_path(cfg)), pcfg)
-
-
-def load_teacher(cfg: TeacherCfg, num_classes: int, device: torch.device | str = "cpu") -> Teacher:
-    """The frozen teacher in eval mode with its own normalisation (from its pretrained config)."""
-    if cfg.checkpoint:
-        path = _checkpoint_path(cfg)
-        model = create_model(cfg, num_classes)
-        state = _state_dict_from_file(path)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise TeacherError(f"teacher.checkpoint={path} does not fit teacher.model={cfg.model!r} "
-                               f"(num_classes={num_classes}, model_args={cfg.model_args}): missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        sha = file_sha256(path)
-    elif cfg.pretrained:
-        model = create_model(cfg, num_classes, pretrained=True)
-        sha = state_sha256(model)
-    else:
-        raise TeacherError("the teacher has no weights: set teacher.checkpoint to a local file, or "
-                           "teacher.pretrained: true for timm's weights (e.g. regnety_160.deit_in1k)")
-    model.eval().requires_grad_(False).to(device)
-    pcfg = model.pretrained_cfg
-    identity = _identity(cfg, sha, pcfg)
-    return Teacher(model, tuple(pcfg["mean"]), tuple(pcfg["std"]), identity["crop_pct"], identity)
 
 
 def normalize(views_uint8: torch.Tensor, mean, std) -> torch.Tensor:

@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline import cache, views
+from pipeline import cache, storage, views
 from pipeline.lock import writer_lock
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.reader import read_shard, scan_shard
-from pipeline.shards import ShardList, load_shardlist, warn_if_class_ordered
+from pipeline.shards import ShardList, data_shardlist, warn_if_class_ordered
 from pipeline.teacher import Teacher, load_teacher, normalize
 
 VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy")
@@ -234,12 +234,13 @@ def run(m: Manifest, rank: int = 0, world_size: int = 1, barrier=None, progress:
     """Fill the cache for this rank's units, holding the writer lock of (cache, rank, world size) so a second
     writer started by mistake stops before touching it (`pipeline.lock`). `barrier` (a callable) syncs ranks
     after creation under torchrun; independent jobs pass None and rely on creation being idempotent."""
-    with writer_lock(m.cache.path, rank, world_size):
+    storage.configure_manifest(m)  # the cache's store options, before its lock is taken
+    with writer_lock(m.cache.path, rank, world_size, m.cache.allow_no_lock):
         return _fill(m, rank, world_size, barrier, progress)
 
 
 def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> dict:
-    lists = {"train": load_shardlist(m.data.train), "val": load_shardlist(m.data.val)}
+    lists = {"train": data_shardlist(m, "train"), "val": data_shardlist(m, "val")}
     if lists["val"].classes != lists["train"].classes:
         raise ManifestError(f"the class maps of {m.data.train} and {m.data.val} differ: rebuild the shards")
     layouts = layouts_for(m, lists["train"], lists["val"])
@@ -248,7 +249,7 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
         warn_if_class_ordered([first], [[label for _, label in scan_shard(first)]], len(lists["train"].classes),
                               m.views.mix.window)
     device = pick_device(m.cache.device)
-    teacher = load_teacher(m.teacher, len(lists["train"].classes), device)
+    teacher = load_teacher(m.teacher, len(lists["train"].classes), device, data=f"data.train={m.data.train}")
     if rank == 0 and (noise := views.erasing_noise_warning(m.views, teacher.mean, teacher.std, f"teacher {m.teacher.model}")):
         warnings.warn(noise, stacklevel=2)
     attrs = cache_attrs(m, lists["train"], lists["val"], teacher.identity)
@@ -265,7 +266,7 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
                         persistent_workers=False, prefetch_factor=4 if m.cache.workers else None)
     buffers = UnitBuffers(root, layouts, lists)
     started, written = time.time(), 0
-    bar = tqdm(total=total, unit="view", desc=f"teacher-cache rank {rank}", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=total, unit="view", desc=f"teacher-cache rank {rank}", disable=not progress or (barrier is not None and rank != 0), smoothing=0.1)
     for item in loader:
         logits = forward(teacher, item["views"], device)
         written += buffers.add(item, logits) is not None

@@ -36,7 +36,7 @@ from pipeline.distributed import World
 from pipeline.evaluate import Evaluator
 from pipeline.losses import HEADLINE_HEAD, deit_loss, mixed_target
 from pipeline.manifest import Manifest, ManifestError, StudentCfg, to_dict
-from pipeline.shards import load_shardlist
+from pipeline.shards import data_shardlist
 from pipeline.student import Student, create_student
 from pipeline.student_data import (check_complete, check_fingerprint, first_difference, open_train_set,
                                    student_views, verify_views, warn_if_cycling)
@@ -308,7 +308,7 @@ def open_checked_cache(m: Manifest, world: World, device: torch.device, answers:
     online = isinstance(answers, str) and answers == "online"
     teacher = load_teacher(m.teacher, num_classes, device) if online else None
     identity = teacher.identity if online else teacher_identity(m.teacher, num_classes)
-    expected = cache_attrs(m, load_shardlist(m.data.train), load_shardlist(m.data.val), identity)
+    expected = cache_attrs(m, data_shardlist(m, "train"), data_shardlist(m, "val"), identity)
     check_fingerprint(root, expected, m.cache.path)
     check_complete(root, m.cache.path, m.student.epochs, m.views.repeats)
     data = open_train_set(m, root, world.size, m.teacher.img_size if online else None)
@@ -361,7 +361,7 @@ def train(m: Manifest, world: World | None = None, answers: str | Answers = "cac
     learner.wrap(world)
     metrics = MetricsLog(run_dir / METRICS, position, steps * s.epochs, s.batch_size * world.size, world.rank,
                          progress)
-    evaluator = Evaluator(m, load_shardlist(m.data.val), learner.student, device, world.rank, world.size)
+    evaluator = Evaluator(m, data_shardlist(m, "val"), learner.student, device, world.rank, world.size)
     started = time.perf_counter()
 
     for epoch in range(position.epoch, s.epochs):

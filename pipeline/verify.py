@@ -34,7 +34,7 @@ import torch
 from pipeline import cache, views
 from pipeline.manifest import Manifest
 from pipeline.reader import read_shard
-from pipeline.shards import ShardList, load_shardlist
+from pipeline.shards import ShardList, data_shardlist
 from pipeline.student_data import check_fingerprint
 from pipeline.teacher import Teacher, load_teacher
 from pipeline.teacher_cache import cache_attrs, forward, library_versions, pick_device
@@ -267,7 +267,7 @@ def verify_cache(m: Manifest, path: str, share: float = 0.01, seed: int = 0, thr
     if not 0 < share <= 1:
         raise ValueError(f"--sample={share} must lie in (0, 1]: the share of cached views to recompute")
     root = cache.open_cache(path)
-    lists = {"train": load_shardlist(m.data.train), "val": load_shardlist(m.data.val)}
+    lists = {"train": data_shardlist(m, "train"), "val": data_shardlist(m, "val")}
     device = pick_device(m.cache.device)
     teacher = load_teacher(m.teacher, len(lists["train"].classes), device)
     check_fingerprint(root, cache_attrs(m, lists["train"], lists["val"], teacher.identity), path)

@@ -26,12 +26,12 @@ def inspect_view(m, cache_path, epoch, shard, pos, student_size, out):
     The shards come from the manifest's data.train; the view recipe from the cache itself."""
     from pipeline import cache
     from pipeline.inspect_view import inspect, write_pngs
-    from pipeline.shards import load_shardlist
+    from pipeline.shards import data_shardlist
 
     cache_path = cache_path or m.cache.path
     try:
         root = cache.open_cache(cache_path)
-        view = inspect(root, load_shardlist(m.data.train), epoch, shard, pos, student_size or m.student.img_size)
+        view = inspect(root, data_shardlist(m, "train"), epoch, shard, pos, student_size or m.student.img_size)
     except (cache.CacheError, IndexError) as e:
         raise click.ClickException(str(e)) from None
     paths = write_pngs(view, Path(out) if out else default_out(cache_path))

@@ -39,13 +39,16 @@ def digits_root(manifest) -> Path:
               help="Samples per shard [default: 1000 with --src, else data.shard_size].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the global shuffle (--src) or of the digits train/val split.")
-def shards(manifest, overrides, src, out, shard_size, seed):
+@click.option("--class-map", type=click.Path(exists=True, dir_okay=False),
+              help='With --src: JSON class names ({"classes": [...]}) giving the ids, for a tree holding some of them.')
+def shards(manifest, overrides, src, out, shard_size, seed, class_map):
     """Build WebDataset shards, a shard list and a class map."""
     try:
         if src is not None:
             if out is None:
                 raise click.UsageError("--src needs --out: the directory to write the shards to")
-            click.echo(_summary(write_imagefolder(src, out, shard_size or 1000, seed)))
+            classes = load_class_map(class_map) if class_map else None
+            click.echo(_summary(write_imagefolder(src, out, shard_size or 1000, seed, classes)))
             return
         spec = load(manifest, overrides)
         if spec.data.builtin != "digits":

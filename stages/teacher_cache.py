@@ -19,6 +19,8 @@ def teacher_cache(m, rank, world_size, progress):
         summary = run(m, w.rank, w.size, w.barrier, progress=progress)
         if w.barrier:
             w.barrier()
+    if w.barrier is not None and w.rank != 0:
+        return  # under torchrun only rank 0 reports (independent array jobs each report their own units)
     size = cache.disk_usage(m.cache.path)
     views = cache.cached_views(m.cache.path)
     click.echo(f"cache: {m.cache.path}\n"

@@ -249,6 +249,14 @@ def test_build_shardlist_errors_name_the_shard(tmp_path):
     unlabelled = gnu_tar(tmp_path / "plain", tmp_path / "u.tar", ["k0.jpg", "k1.jpg"])
     with pytest.raises(ShardError, match=rf"no sample in {unlabelled}... has an integer `cls`.*--class-map"):
         build_shardlist([unlabelled])
+    negative = tmp_path / "negative.tar"
+    with tarfile.open(negative, "w") as tar:
+        for name, data in (("k0.cls", b"1"), ("k0.jpg", b"x"), ("k1.cls", b"-2"), ("k1.jpg", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match=rf"shard {negative}: sample 'k1' has label -2; class ids are 0 or more"):
+        build_shardlist([negative])
     result = CliRunner().invoke(main, ["shardlist", str(tmp_path / "nothing-*.tar")])
     assert result.exit_code == 1 and "no file matches" in result.output and "nothing-*.tar" in result.output
     (tmp_path / "other").mkdir()
@@ -367,3 +375,28 @@ def test_teacher_cache_warns_about_a_class_ordered_first_shard_before_loading_th
     with pytest.warns(UserWarning, match=r"sorted-0\.tar looks written in class order: 96% of neighbouring samples "
                                          r"share a label .* runs 20 samples in a row"), pytest.raises(Stop):
         teacher_cache.run(m, progress=False)
+
+def test_adjacent_samples_sharing_a_key_are_refused_not_merged(tmp_path):
+    """Ten samples where the 5th and 6th share a key: webdataset's grouping would read nine. The list refuses
+    the shard, naming it and the key, instead of counting nine."""
+    shard = tmp_path / "dup.tar"
+    keys = [f"k{i}" for i in range(10)]
+    keys[5] = keys[4]
+    with tarfile.open(shard, "w") as tar:
+        for i, key in enumerate(keys):
+            for suffix, data in (("cls", str(i % 3).encode()), ("jpg", _jpeg(i))):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert len(keys) == 10 and len(set(keys)) == 9
+    with pytest.raises(ShardError, match=rf"shard {shard}: sample 'k4' \(position 4\) has two `cls` members: "
+                                         r"two samples in a row share the key 'k4'"):
+        build_shardlist([shard])
+    result = CliRunner().invoke(main, ["shardlist", str(shard)])
+    assert result.exit_code == 1 and "share the key 'k4'" in result.output and "Traceback" not in result.output
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), seed * 20, np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
