@@ -203,13 +203,13 @@ class TrainSet:
 
     def plan(self, epoch: int, rank: int) -> list[WorkerPlan]:
         s = self.m.student
-        spans_per_worker = plan_epoch(self.shardlist, epoch, s.seed, self.world_size, self.workers,
+        spans_per_worker = plan_epoch(self.shardlist, epoch, s.shuffle_seed(), self.world_size, self.workers,
                                       block=self.m.views.mix.window)[rank]
         plans = []
         for worker, spans in enumerate(spans_per_worker):
             items = [(sp.shard, p) for sp in spans for p in range(sp.start, sp.stop) if self.valid[sp.shard, p]]
             items = np.array(items, np.int64).reshape(-1, 2)
-            rng = np.random.default_rng([s.seed, epoch, rank, worker])
+            rng = np.random.default_rng([s.shuffle_seed(), epoch, rank, worker])
             order, ready = shuffle_buffer_order(len(items), s.shuffle_buffer, rng)
             plans.append(WorkerPlan(spans, items, order, ready, s.batch_size))
         return plans
@@ -222,7 +222,7 @@ class TrainSet:
     def _batches_per_rank(self, epoch: int) -> list[int]:
         """Batches each rank can make in `epoch`, from counts alone (no shuffle, no rendering)."""
         prefix = self._valid_before
-        spans = plan_epoch(self.shardlist, epoch, self.m.student.seed, self.world_size, self.workers,
+        spans = plan_epoch(self.shardlist, epoch, self.m.student.shuffle_seed(), self.world_size, self.workers,
                            block=self.m.views.mix.window)
         b = self.m.student.batch_size
         return [sum(sum(int(prefix[sp.shard, sp.stop] - prefix[sp.shard, sp.start]) for sp in w) // b for w in rank)
