@@ -457,11 +457,11 @@ def train_shared(manifests: list[Manifest], world: World | None = None, answers:
     for m in manifests:
         try:
             runs.append(_prepare(m, data, root, answers, device, world))
-        except (ManifestError, CheckpointError) as e:
-            if len(manifests) == 1:
-                raise
+        except ManifestError as e:  # CheckpointError too
             if world.rank == 0:
                 _record_failure(Path(m.student.run_dir), e)
+            if len(manifests) == 1:
+                raise
             runs.append(e)
     live = [r for r in runs if isinstance(r, Run)]
     try:
