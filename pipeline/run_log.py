@@ -76,7 +76,8 @@ class RunLog:
     """The reports of one run (rank 0 writes; other ranks keep nothing)."""
 
     def __init__(self, m: Manifest, name: str, resume: Position, steps_per_epoch: int, global_batch: int,
-                 rank: int):
+                 rank: int, finished: bool = False):
+        """`finished`: the run is complete and recorded; only log lines are appended (to train.log)."""
         s = m.student
         self.run_dir, self.every, self.rank = Path(s.run_dir), s.log.every, rank
         self.steps_per_epoch, self.total = steps_per_epoch, steps_per_epoch * s.epochs
@@ -93,15 +94,17 @@ class RunLog:
         self.handler = logging.FileHandler(self.run_dir / LOG)
         self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
         self.logger.addHandler(self.handler)
+        if finished:
+            return
         _replace(self.run_dir / CONFIG, yaml.safe_dump(to_dict(m), sort_keys=False))
         self._drop_after(resume)
         if s.log.tensorboard:
             self.tb = _tensorboard(self.run_dir / TENSORBOARD)
             self.tb.add_text("config", "```\n" + yaml.safe_dump(to_dict(m), sort_keys=False) + "\n```", resume.step)
-        where = f"resuming at step {resume.step} (epoch {resume.epoch}, batch {resume.batch})" if resume.step else \
-            "starting"
-        self.logger.info("%s: %s of %d (%d epochs x %d steps, global batch %d); config in %s", self.run_dir, where,
-                         self.total, s.epochs, steps_per_epoch, global_batch, self.run_dir / CONFIG)
+        where = f"resuming after step {resume.step} (epoch {resume.epoch}, batch {resume.batch})" if resume.step \
+            else "starting"
+        self.logger.info("%s: %d steps (%d epochs x %d, global batch %d), %s; config in %s", s.model, self.total,
+                         s.epochs, steps_per_epoch, global_batch, where, self.run_dir / CONFIG)
 
     def _drop_after(self, resume: Position) -> None:
         def metric(line: str) -> bool:

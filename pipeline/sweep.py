@@ -228,9 +228,9 @@ def _train_pass_child(parent: int, manifest_path: str, runs: list[list[str]], lo
     from pipeline.run_log import console_logging
 
     console_logging()
-    for sets in runs:
-        print(f"$ distill train-student --manifest {manifest_path} {shlex.join(f'--set={s}' for s in sets)}",
-              flush=True)
+    for sets in runs:  # each student is what this command would train alone
+        print(f"student: distill train-student --manifest {manifest_path} "
+              f"{shlex.join(f'--set={s}' for s in sets)}", flush=True)
     try:
         outcomes = train_shared([load(manifest_path, sets) for sets in runs], progress=False)
     except user_errors() as e:

@@ -122,8 +122,7 @@ class Learner:
     first_non_finite: torch.Tensor | None = None  # on the device: the first non-finite step, 0 = none yet
 
     def __post_init__(self):
-        if self.on_cuda:
-            self.check_every = self.cfg.log.every
+        self.check_every = check_interval(self.device, self.cfg.log.every)
         if self.check_every > 1:
             self.first_non_finite = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -189,6 +188,12 @@ class Learner:
         if self.ema is not None:
             result["ema"] = evaluator(self.ema.module)
         return result
+
+
+def check_interval(device: torch.device, every: int) -> int:
+    """Steps between reads of the finiteness check: every step on the CPU, where reading costs nothing;
+    every `student.log.every` steps on an accelerator, which would otherwise wait for the host each step."""
+    return 1 if device.type == "cpu" else every
 
 
 NON_FINITE_FIX = ("lower student.optim.lr, set student.optim.clip_grad, or check the teacher's cached logits; the "
@@ -406,7 +411,7 @@ def _prepare(m: Manifest, data: TrainSet, root, answers: Answers, device: torch.
     progress = checkpointer.restore(learner)
     done = progress.position.step == steps * s.epochs and (run_dir / RESULT).is_file()
     learner.wrap(world)
-    log = RunLog(m, run_dir.name, progress.position, steps, s.batch_size * world.size, world.rank)
+    log = RunLog(m, run_dir.name, progress.position, steps, s.batch_size * world.size, world.rank, done)
     evaluator = Evaluator(m, load_shardlist(m.data.val), learner.student, device, world.rank, world.size)
     run = Run(m, learner, checkpointer, log, evaluator, progress)
     if done:  # a finished run: keep what it recorded (its training time above all)
