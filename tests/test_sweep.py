@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.manifest import load, to_dict
-from pipeline.sweep import SweepError, expand, load_sweep, plan, run_name, sweep
+from pipeline.sweep import SweepError, describe_passes, expand, group_runs, load_sweep, plan, run_name, sweep
 
 torch.set_num_threads(1)
 
@@ -51,6 +51,33 @@ def test_shipped_sweeps_expand_to_named_runs():
         [(1, 0.5), (1, 0.9), (1, 0.5), (1, 0.9), (1, 0.1)]
     tiny = load_sweep(TINY_SWEEP)
     assert tiny.name == "tiny" and len(expand(tiny)) == 3
+
+
+def test_runs_are_grouped_into_data_passes_by_what_decides_their_batches(tmp_path):
+    spec = load_sweep(_write(tmp_path / "s.yaml", """name: s
+base: {student.data_seed: 0}
+grid:
+  student.distillation: [soft, hard]
+  student.seed: [0, 1]
+runs:
+  - {student.batch_size: 32, student.optim.lr: 0.002}
+  - {student.batch_size: 32, student.model_args: {embed_dim: 32, depth: 2, num_heads: 2}}
+  - {student.data_seed: 5}
+"""))
+    runs = plan(REPO / "manifests" / "demo.yaml", spec, tmp_path / "out")
+    passes = group_runs([r.manifest for r in runs])
+    assert [[runs[i].name for i in group] for group in passes] == [
+        ["distillation=soft,seed=0", "distillation=soft,seed=1", "distillation=hard,seed=0", "distillation=hard,seed=1"],
+        ["batch_size=32,lr=0.002", "batch_size=32,model_args.embed_dim=32,model_args.depth=2,model_args.num_heads=2"],
+        ["data_seed=5"]]
+    lines = describe_passes(runs, passes)
+    assert lines[0] == ("  pass 1 (batch_size=64, data_seed=0): 4 students: distillation=soft,seed=0, "
+                        "distillation=soft,seed=1, distillation=hard,seed=0, distillation=hard,seed=1")
+    assert lines[1].startswith("  pass 2 (batch_size=32, data_seed=0): 2 students: batch_size=32,lr=0.002, ")
+    assert lines[2] == "  pass 3 (batch_size=64, data_seed=5): 1 student: data_seed=5"
+    # without a fixed data seed, each init seed shuffles its own data: no shared pass across seeds
+    seeds = load_sweep(_write(tmp_path / "t.yaml", "grid: {student.seed: [0, 1]}\n"))
+    assert len(group_runs([r.manifest for r in plan(REPO / "manifests" / "demo.yaml", seeds, tmp_path)])) == 2
 
 
 def test_run_names():
