@@ -103,6 +103,22 @@ def online_answers(teacher: Teacher, device: torch.device) -> Answers:
 # --------------------------------------------------------------------------------------------- the learner
 
 
+class BatchInputs:
+    """The normalised student input of the current batch, made once per (mean, std, memory layout) and reused
+    by every student of a pass that steps on the same batch (the models never write to their input)."""
+
+    def __init__(self):
+        self.batch, self.made = None, {}
+
+    def __call__(self, batch: dict, student: Student, device: torch.device, channels_last: bool) -> torch.Tensor:
+        if self.batch is not batch:
+            self.batch, self.made = batch, {}
+        key = (student.mean, student.std, channels_last)
+        if key not in self.made:
+            self.made[key] = student_input(batch["views"], student, device, channels_last)
+        return self.made[key]
+
+
 @dataclass
 class Learner:
     """The student under training: its model, optimizer, scheduler and EMA, and one update (`step`)."""
@@ -118,6 +134,7 @@ class Learner:
     device: torch.device
     rank: int = 0
     forward: torch.nn.Module | None = None  # what the step calls: the model, wrapped in DDP / compiled
+    inputs: BatchInputs = field(default_factory=lambda: BatchInputs())  # shared by the students of a pass
     check_every: int = 1  # steps between reads of the finiteness check: 1 = before every optimizer step
     first_non_finite: torch.Tensor | None = None  # on the device: the first non-finite step, 0 = none yet
 
@@ -148,7 +165,7 @@ class Learner:
         loss is checked every step (the CPU), else it is flagged on the device for `check`."""
         s = self.cfg
         torch.manual_seed(step_seed(s.seed, self.rank, step))
-        x = student_input(batch["views"], self.student, self.device, self.on_cuda and s.channels_last)
+        x = self.inputs(batch, self.student, self.device, self.on_cuda and s.channels_last)
         target = mixed_target(batch["labels"].to(self.device), batch["partner_labels"].to(self.device),
                               batch["lam"].to(self.device), self.num_classes, s.smoothing)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_cuda):
@@ -182,12 +199,6 @@ class Learner:
                                      f"read back every student.log.every={self.check_every} steps). The updates "
                                      f"from step {bad} on were not checkpointed; {NON_FINITE_FIX}")
 
-    def evaluate(self, evaluator: Evaluator) -> dict:
-        """The model's evaluation, plus the EMA weights' under "ema" when EMA is on."""
-        result = evaluator(self.model)
-        if self.ema is not None:
-            result["ema"] = evaluator(self.ema.module)
-        return result
 
 
 def check_interval(device: torch.device, every: int) -> int:
@@ -212,7 +223,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def build_learner(m: Manifest, steps_per_epoch: int, num_classes: int, answers: Answers, device: torch.device,
-                  world: World) -> Learner:
+                  world: World, inputs: BatchInputs | None = None) -> Learner:
     """The student, timm's AdamW (lr = optim.lr x global batch / optim.lr_batch) and its warmup + cosine
     schedule stepped per update, and the EMA when student.ema is set."""
     s = m.student
@@ -227,7 +238,8 @@ def build_learner(m: Manifest, steps_per_epoch: int, num_classes: int, answers: 
                                        warmup_epochs=s.sched.warmup_epochs, warmup_lr=s.sched.warmup_lr,
                                        min_lr=s.sched.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(model, decay=s.ema) if s.ema else None
-    return Learner(s, student, model, optimizer, scheduler, ema, answers, num_classes, device, world.rank)
+    return Learner(s, student, model, optimizer, scheduler, ema, answers, num_classes, device, world.rank,
+                   inputs=inputs or BatchInputs())
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -350,15 +362,27 @@ class Run:
         self.progress.seconds, self.started = self.seconds(), time.perf_counter()
         self.checkpointer.save(self.learner, self.progress)
 
-    def end_epoch(self, epoch: int) -> None:
-        """Evaluate when due (best.pth when it is the best so far) and write the epoch's summary row."""
+    def due(self, epoch: int) -> bool:
+        """Whether this student ends `epoch` now with an evaluation (after its finiteness check)."""
+        if self.position.epoch != epoch:
+            return False
+        self.learner.check(self.position.step)
+        self.log.flush()
+        return self.evaluator.due(epoch)
+
+    def models(self) -> list[tuple[torch.nn.Module, Student]]:
+        """What its evaluation evaluates: the model, and the EMA weights when EMA is on."""
+        entries = [(self.learner.model, self.learner.student)]
+        return entries + ([(self.learner.ema.module, self.learner.student)] if self.learner.ema is not None else [])
+
+    def end_epoch(self, epoch: int, evaluated: list[dict] | None) -> None:
+        """Record the epoch's evaluation (`models()`'s results, None when not due; best.pth when it is the best
+        so far) and write the epoch's summary row."""
         if self.position.epoch != epoch:
             return
-        self.learner.check(self.position.step)
         result = None
-        if self.evaluator.due(epoch):
-            self.log.flush()
-            result = self.result = self.learner.evaluate(self.evaluator)
+        if evaluated is not None:
+            result = self.result = evaluated[0] | ({"ema": evaluated[1]} if len(evaluated) > 1 else {})
             self.log.eval(self.position, result)
             if self.progress.best is None or result["top1_joint"] > self.progress.best:
                 self.progress.best = result["top1_joint"]
@@ -399,13 +423,14 @@ def _record_failure(run_dir: Path, error: Exception) -> None:
     (run_dir / ERROR).write_text(message + "\n")
 
 
-def _prepare(m: Manifest, data: TrainSet, root, answers: Answers, device: torch.device, world: World) -> Run:
+def _prepare(m: Manifest, data: TrainSet, root, answers: Answers, device: torch.device, world: World,
+             inputs: BatchInputs) -> Run:
     s = m.student
     run_dir = Path(s.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ERROR).unlink(missing_ok=True)
     steps = data.steps_per_epoch
-    learner = build_learner(m, steps, data.num_classes, answers, device, world)
+    learner = build_learner(m, steps, data.num_classes, answers, device, world, inputs)
     spec = resume_spec(m, root.attrs["fingerprint"], world, steps)
     checkpointer = Checkpointer(run_dir, s.ckpt_every, spec, world.rank, s.model)
     progress = checkpointer.restore(learner)
@@ -459,9 +484,10 @@ def train_shared(manifests: list[Manifest], world: World | None = None, answers:
                                              max(m.student.verify_sample for m in manifests))
     answers = _once_per_batch(answers) if len(manifests) > 1 else answers
     runs: list[Run | Exception] = []
+    inputs = BatchInputs()
     for m in manifests:
         try:
-            runs.append(_prepare(m, data, root, answers, device, world))
+            runs.append(_prepare(m, data, root, answers, device, world, inputs))
         except ManifestError as e:  # CheckpointError too
             if world.rank == 0:
                 _record_failure(Path(m.student.run_dir), e)
@@ -506,16 +532,33 @@ def _run_pass(runs: list[Run], data: TrainSet, world: World, progress: bool) -> 
                     before = r.position.step
                     _guard(r, lambda: r.take(batch, epoch, index), len(runs))
                     bar.update(r.position.step - before)
+        due = [r for r in todo if r.active and _guard(r, lambda: r.due(epoch), len(runs))]
+        evaluated = evaluate_together([r for r in due if r.active])
         for r in todo:
             if r.active:
-                _guard(r, lambda: r.end_epoch(epoch), len(runs))
+                _guard(r, lambda: r.end_epoch(epoch, evaluated.get(id(r))), len(runs))
     bar.close()
 
 
-def _guard(run: Run, action: Callable[[], None], students: int) -> None:
-    """Run one student's action; in a pass of several, its failure stops it alone."""
+def evaluate_together(runs: list[Run]) -> dict[int, list[dict]]:
+    """The due evaluations of a pass, students whose eval views are equal (crop_pct) on one pass over the val
+    views. Returns {id(run): its models' results}."""
+    groups: dict[float, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.learner.student.crop_pct, []).append(r)
+    out = {}
+    for group in groups.values():
+        entries = [entry for r in group for entry in r.models()]
+        results = group[0].evaluator.many(entries)
+        for r in group:
+            out[id(r)], results = results[:len(r.models())], results[len(r.models()):]
+    return out
+
+
+def _guard(run: Run, action: Callable[[], object], students: int) -> object:
+    """Run one student's action; in a pass of several, its failure stops it alone (and gives None)."""
     try:
-        action()
+        return action()
     except (NonFiniteLossError, ManifestError, CheckpointError, RuntimeError) as e:
         run.fail(e)
         if students == 1:
