@@ -56,7 +56,7 @@ from pipeline import cache
 from pipeline.manifest import Manifest, ManifestError, load, read_yaml_mapping, to_dict
 from pipeline.student_data import first_difference
 # loads torch and timm once, before any fork
-from pipeline.train import CHECKPOINT, ERROR, RESULT, RESUMABLE_CHANGES, pass_key, train_shared  # noqa: F401
+from pipeline.train import CHECKPOINT, ERROR, RESULT, RESUMABLE_CHANGES, pass_key, train_shared
 
 SWEEP_KEYS = ("name", "base", "grid", "runs")
 LOG = "train.log"  # each run's own log (pipeline.run_log)
@@ -282,9 +282,9 @@ def _failure(run: PlannedRun, exitcode: int | None) -> str:
 
 def execute(manifest_path: str, runs: list[PlannedRun], passes: list[tuple[int, list[int]]], jobs: int,
             sweep_dir: Path, echo: Callable[[str], None]) -> dict[str, str]:
-    """Train the passes ((number, indices into `runs`)) `jobs` at a time; returns {run name: outcome}: "done", "failed: <error>" / "failed
-    (exit N)" or "busy: ..." (another process holds its lock). Must be called before this process runs any
-    torch op: a fork after OpenMP has started its threads is not safe."""
+    """Train the passes ((number, indices into `runs`)) `jobs` at a time; returns {run name: outcome}: "done",
+    "failed: <error type>" / "failed (exit N)" or "busy: ..." (another process holds its lock). Must be called
+    before this process runs any torch op: a fork after OpenMP has started its threads is not safe."""
     context = multiprocessing.get_context("fork")
     pending, running, outcome, started = list(passes), {}, {}, 0
     while pending or running:
