@@ -4,8 +4,11 @@ first step (a corrupt chunk, a planted pickle) and the non-finite check read bac
 
 import csv
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from pipeline.train import NonFiniteLossError, cached_answers, pass_key, train, 
 
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[1]
 BASE = ("student.epochs=2", "student.verify_sample=0", "student.data_seed=0", "student.ckpt_every=5")
 STUDENTS = {  # different modes, alphas, taus, learning rates, schedules, sizes, EMA and init seeds
     "hard": ("student.distillation=hard",),
@@ -245,3 +249,54 @@ def test_tensorboard_event_files(tiny_cache, tmp_path):
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx([r["loss"] for r in _records(tmp_path)])
     assert [e.value for e in events.Scalars("eval/top1_joint")] == pytest.approx([result["top1_joint"]])
+
+
+# --------------------------------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from pipeline.distributed import world
+from pipeline.manifest import load
+from pipeline.train import train_shared
+with world() as w:
+    outcomes = train_shared([load("manifests/tiny.yaml", sets) for sets in json.loads(sys.argv[1])], w,
+                            progress=False)
+    assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+"""
+
+
+def _torchrun(tmp_path, students):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(29500 + os.getpid() % 1000), str(script), json.dumps(students)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_student_of_a_pass_all_reduces_its_own_gradients(tiny_cache, tmp_path):
+    """Two ranks (gloo), two students on one pass: each is wrapped in its own DDP, and ends with the losses and
+    weights of the same student trained alone on the same two ranks."""
+    common = [o for o in tiny_cache.manifest_overrides() if not o.startswith("student.run_dir")]
+    common += ["student.epochs=1", "student.verify_sample=0", "student.data_seed=0"]
+    extra = {"hard": ["student.distillation=hard"],
+             "soft": ["student.distillation=soft", "student.seed=1", "student.optim.lr=0.002"]}
+
+    def students(where):
+        return [common + sets + [f"student.run_dir={tmp_path / where / name}"] for name, sets in extra.items()]
+
+    _torchrun(tmp_path, students("shared"))
+    for one in students("alone"):
+        _torchrun(tmp_path, [one])
+    for name in extra:
+        shared, alone = tmp_path / "shared" / name, tmp_path / "alone" / name
+        assert _records(shared) and _records(shared) == _records(alone), name
+        a, b = _weights(shared / "model.safetensors"), _weights(alone / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        result = json.loads((shared / "result.json").read_text())
+        assert result["config"]["student"]["distillation"] == name
+        assert result["steps_per_epoch"] <= 6  # each rank reads half the shards (one rank alone takes 12 steps)
