@@ -82,8 +82,10 @@ class RunLog:
         self.run_dir, self.every, self.rank = Path(s.run_dir), s.log.every, rank
         self.steps_per_epoch, self.total = steps_per_epoch, steps_per_epoch * s.epochs
         self.global_batch = global_batch
-        self.logger = logging.getLogger(f"train.{name}")
-        self.logger.setLevel(logging.INFO)
+        # a logger of its own (not from the registry), so two runs of one name never share a file handler;
+        # its lines still reach the console through the `train` logger
+        self.logger = logging.Logger(f"train.{name}", logging.INFO)
+        self.logger.parent = logging.getLogger("train")
         self.handler = None
         self.pending: list[tuple[Position, dict[str, torch.Tensor], float]] = []
         self.epoch_losses: list[dict[str, float]] = []  # the current epoch's step records (for summary.csv)
