@@ -60,29 +60,45 @@ def _collate(records) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
+def evaluate_many(entries: list[tuple[torch.nn.Module, Student]], loader, device: torch.device) -> list[dict]:
+    """`evaluate` of several models on one pass over the loader: each val batch is rendered once and every
+    model (with its student's normalisation) predicts on it. Returns one result per entry."""
+    modes = [model.training for model, _ in entries]
+    for model, _ in entries:
+        model.eval()
+    counts = [torch.zeros(2 * len(HEADS) + 2, dtype=torch.float64, device=device) for _ in entries]
+    for batch in loader:
+        views = batch["views"].to(device)
+        labels, teacher = batch["labels"].to(device), batch["teacher_top1"].to(device)
+        inputs = {}
+        for (model, student), total in zip(entries, counts):
+            key = (student.mean, student.std)
+            if key not in inputs:
+                inputs[key] = normalize(views, student.mean, student.std)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                cls_logits, dist_logits = heads(model, inputs[key])
+            cls_logits, dist_logits = cls_logits.float(), dist_logits.float()
+            preds = (cls_logits.argmax(1), dist_logits.argmax(1), (cls_logits + dist_logits).argmax(1))
+            total += torch.stack([(p == labels).sum() for p in preds] + [(p == teacher).sum() for p in preds]
+                                 + [(teacher == labels).sum(), torch.tensor(len(labels), device=device)]).double()
+    for (model, _), mode in zip(entries, modes):
+        model.train(mode)
+    results = []
+    for total in counts:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        total = total.tolist()
+        n = total[-1]
+        result = {f"top1_{h}": total[i] / n for i, h in enumerate(HEADS)}
+        result |= {f"agree_{h}": total[len(HEADS) + i] / n for i, h in enumerate(HEADS)}
+        results.append(result | {"teacher_top1": total[-2] / n, "samples": int(n)})
+    return results
+
+
 def evaluate(model: torch.nn.Module, student: Student, loader, device: torch.device) -> dict[str, float]:
     """Top-1 accuracy and teacher agreement of each head over the loader's batches (summed over ranks under
     torch.distributed). Returns top1_{class,dist,joint}, agree_{class,dist,joint}, teacher_top1, samples."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(2 * len(HEADS) + 2, dtype=torch.float64, device=device)
-    for batch in loader:
-        x = normalize(batch["views"].to(device), student.mean, student.std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cls_logits, dist_logits = heads(model, x)
-        cls_logits, dist_logits = cls_logits.float(), dist_logits.float()
-        labels, teacher = batch["labels"].to(device), batch["teacher_top1"].to(device)
-        preds = (cls_logits.argmax(1), dist_logits.argmax(1), (cls_logits + dist_logits).argmax(1))
-        counts += torch.stack([(p == labels).sum() for p in preds] + [(p == teacher).sum() for p in preds]
-                              + [(teacher == labels).sum(), torch.tensor(len(labels), device=device)]).double()
-    model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    counts = counts.tolist()
-    n = counts[-1]
-    result = {f"top1_{h}": counts[i] / n for i, h in enumerate(HEADS)}
-    result |= {f"agree_{h}": counts[len(HEADS) + i] / n for i, h in enumerate(HEADS)}
-    return result | {"teacher_top1": counts[-2] / n, "samples": int(n)}
+    return evaluate_many([(model, student)], loader, device)[0]
 
 
 class Evaluator:
@@ -99,7 +115,14 @@ class Evaluator:
         return last or (every > 0 and (epoch + 1) % every == 0)
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        return self.many([(model, self.student)])[0]
+
+    def many(self, entries: list[tuple[torch.nn.Module, Student]]) -> list[dict]:
+        """Several models on one pass over the val views (their students must share this one's crop_pct and
+        img_size, which decide the views)."""
+        if any(student.crop_pct != self.student.crop_pct for _, student in entries):
+            raise ValueError("models evaluated on one pass must share the eval view's crop_pct")
         workers = self.m.student.workers
         loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
                             prefetch_factor=2 if workers else None)
-        return evaluate(model, self.student, loader, self.device)
+        return evaluate_many(entries, loader, self.device)

@@ -154,6 +154,14 @@ class SchedCfg:
 
 
 @dataclass(slots=True)
+class LogCfg:
+    """What a training run reports while it runs (`pipeline.run_log`)."""
+
+    every: int = 50  # steps between log lines and metric writes (and, on a GPU, reads of the finiteness flag)
+    tensorboard: bool = False  # also write TensorBoard event files to run_dir/tensorboard (needs `tensorboard`)
+
+
+@dataclass(slots=True)
 class StudentCfg:
     """A timm distilled ViT trained from the cache."""
 
@@ -171,6 +179,9 @@ class StudentCfg:
     drop_path: float = 0.1
     ema: float | None = None
     seed: int = 0
+    # the seed of the shard order and shuffle (None = student.seed); students that differ only in `seed` share a
+    # data pass in a sweep when this is set (pipeline.sweep)
+    data_seed: int | None = None
     # a smaller labelled split: only the first N train shards' labels are used (None = all); the other shards'
     # views train the distillation head on the teacher's answers alone
     labelled_shards: int | None = None
@@ -185,6 +196,11 @@ class StudentCfg:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     channels_last: bool = True
+    log: LogCfg = field(default_factory=LogCfg)
+
+    def shuffle_seed(self) -> int:
+        """The seed of the data order: `data_seed`, or `seed` when it is not set."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 @dataclass(slots=True)
@@ -208,7 +224,7 @@ class Manifest:
                            ("cache.batch_size", self.cache.batch_size), ("cache.shards_per_unit", self.cache.shards_per_unit),
                            ("student.epochs", s.epochs), ("student.batch_size", s.batch_size), ("data.shard_size", self.data.shard_size),
                            ("teacher.img_size", self.teacher.img_size), ("views.mix.window", self.views.mix.window),
-                           ("views.repeats", self.views.repeats)):
+                           ("views.repeats", self.views.repeats), ("student.log.every", s.log.every)):
             if value < 1:
                 raise ManifestError(f"{key}={value} must be at least 1")
         for key, value in (("student.alpha", s.alpha), ("views.flip.prob", self.views.flip.prob),

@@ -232,14 +232,14 @@ class TrainSet:
         if self.repeats == 1:
             return self.valid[shard]
         r, n = self.repeats, self.shardlist.shards[shard].samples
-        rank = np.random.default_rng([self.m.student.seed, epoch // r, shard, REPEAT_PARTITION]).permutation(n)
+        rank = np.random.default_rng([self.m.student.shuffle_seed(), epoch // r, shard, REPEAT_PARTITION]).permutation(n)
         part = np.zeros(self.valid.shape[1], bool)
         part[:n] = rank % r == epoch % r
         return self.valid[shard] & part
 
     def plan(self, epoch: int, rank: int) -> list[WorkerPlan]:
         s, r = self.m.student, self.repeats
-        spans_per_worker = plan_epoch(self.shardlist, epoch, s.seed, self.world_size, self.workers,
+        spans_per_worker = plan_epoch(self.shardlist, epoch, s.shuffle_seed(), self.world_size, self.workers,
                                       block=self.m.views.mix.window)[rank]
         plans = []
         for worker, spans in enumerate(spans_per_worker):
@@ -247,7 +247,7 @@ class TrainSet:
             items = [(sp.shard, p, copy) for sp in spans for p in range(sp.start, sp.stop) if chosen[sp.shard][p]
                      for copy in range(r)]
             items = np.array(items, np.int64).reshape(-1, 3)
-            rng = np.random.default_rng([s.seed, epoch, rank, worker])
+            rng = np.random.default_rng([s.shuffle_seed(), epoch, rank, worker])
             # the buffer shuffles images; an image's r copies stay side by side, as RASampler keeps them in one step
             order, ready = shuffle_buffer_order(len(items) // r, s.shuffle_buffer, rng)
             order = (order[:, None] * r + np.arange(r)).ravel()
@@ -262,7 +262,7 @@ class TrainSet:
 
     def _batches_per_rank(self, epoch: int) -> list[int]:
         """Batches each rank can make in `epoch`, from counts alone (no shuffle, no rendering)."""
-        spans = plan_epoch(self.shardlist, epoch, self.m.student.seed, self.world_size, self.workers,
+        spans = plan_epoch(self.shardlist, epoch, self.m.student.shuffle_seed(), self.world_size, self.workers,
                            block=self.m.views.mix.window)
         if self.repeats == 1:
             prefix = self._valid_before

@@ -15,12 +15,21 @@ the cache stay those of the one cache every run reads), applied through `pipelin
 a wrong key or value stops the sweep before anything runs. A run is named after its own overrides
 (`distillation=hard,alpha=0.5`) and trains in `<sweep dir>/<run name>` (sweep dir: `runs/sweeps/<name>`).
 
-Runs are `distill train-student --manifest ... --set ...`, executed in forked children of the sweep (so the
-torch/timm import is paid once), `jobs` at a time, each logging to `<run dir>/train.log`. A run with a
-result.json is finished and skipped; an interrupted one resumes from its checkpoint (the trainer does that).
-A child dies with the sweep (Linux: PR_SET_PDEATHSIG), and holds an exclusive lock on its run directory
-while it trains, so two sweeps never train the same run at once. The summary (`summary.md`, `summary.csv`)
-ranks the finished runs by the joint head's val top-1.
+One data pass for many students. Runs whose batches are identical (same cache, views, student img_size,
+batch_size, epochs, data seed, loader workers and shuffle buffer, device: `pipeline.train.pass_key`) form a
+pass and train together in one process (`pipeline.train.train_shared`): each batch is read, decoded and
+rendered once and every student of the pass steps on it. Models, modes, alpha, tau, learning rates,
+schedules, EMA and init seeds may differ inside a pass (a seed sweep shares a pass when `student.data_seed`
+is fixed; otherwise each seed shuffles its own data). The sweep prints the grouping before it starts.
+
+Passes run in forked children of the sweep (so the torch/timm import is paid once), `jobs` at a time, each
+logging to `<sweep dir>/pass-<n>.log`, every student also to its own `<run dir>/train.log`. A run with a
+result.json is finished and skipped; an interrupted one resumes from its own last.pth (the trainer does that),
+and a student that fails (a non-finite loss) stops with its error in `<run dir>/error.txt` while the others of
+its pass go on. A child dies with the sweep (Linux: PR_SET_PDEATHSIG), and holds an exclusive lock on each of
+its run directories while it trains, so two sweeps never train the same run at once. The summary
+(`summary.md`, `summary.csv`) ranks the finished runs by the joint head's val top-1; its `pass` column numbers
+the data passes (runs with the same number shared one).
 """
 
 from __future__ import annotations
@@ -46,10 +55,11 @@ import yaml
 from pipeline import cache
 from pipeline.manifest import Manifest, ManifestError, load, read_yaml_mapping, to_dict
 from pipeline.student_data import first_difference
-from pipeline.train import CHECKPOINT, RESULT, RESUMABLE_CHANGES  # loads torch and timm once, before any fork
+# loads torch and timm once, before any fork
+from pipeline.train import CHECKPOINT, ERROR, RESULT, RESUMABLE_CHANGES, pass_key, train_shared
 
 SWEEP_KEYS = ("name", "base", "grid", "runs")
-LOG = "train.log"
+LOG = "train.log"  # each run's own log (pipeline.run_log)
 LOCK = "sweep.lock"
 DEFAULT_ROOT = Path("runs/sweeps")
 POLL_S = 0.2
@@ -207,19 +217,48 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _train_child(parent: int, manifest_path: str, sets: list[str], log_path: str) -> None:
-    """Body of a forked child: `distill train-student` with the run's overrides, output to the run's log."""
+def _train_pass_child(parent: int, manifest_path: str, runs: list[list[str]], log_path: str) -> None:
+    """Body of a forked child: the students of one pass (each given by its `--set` overrides) trained on one
+    data pass, output to the pass's log. Exits 1 when any student did not finish."""
     _die_with_parent(parent)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    from pipeline.cli import main
+    from pipeline.cli import user_errors
+    from pipeline.run_log import console_logging
 
-    args = ["train-student", "--manifest", manifest_path, "--no-progress"]
-    for s in sets:
-        args += ["--set", s]
-    print(f"$ distill {shlex.join(args)}", flush=True)
-    main(args, prog_name="distill")
+    console_logging()
+    for sets in runs:  # each student is what this command would train alone
+        print(f"student: distill train-student --manifest {manifest_path} "
+              f"{shlex.join(f'--set={s}' for s in sets)}", flush=True)
+    try:
+        outcomes = train_shared([load(manifest_path, sets) for sets in runs], progress=False)
+    except user_errors() as e:
+        print(f"Error: {e}", flush=True)
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if any(isinstance(outcome, Exception) for outcome in outcomes) else 0)
+
+
+def group_runs(manifests: list[Manifest], world_size: int = 1) -> list[list[int]]:
+    """Indices of the runs that can share a data pass (equal `pass_key`), in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(manifests):
+        groups.setdefault(pass_key(m, world_size), []).append(i)
+    return list(groups.values())
+
+
+def describe_passes(runs: list[PlannedRun], passes: list[list[int]]) -> list[str]:
+    """One line per pass: its number, its runs, and the batch-deciding settings that set it apart."""
+    keys = [json.loads(pass_key(runs[group[0]].manifest)) for group in passes]
+    differ = [k for k in keys[0] if any(key[k] != keys[0][k] for key in keys)]
+    lines = []
+    for n, (group, key) in enumerate(zip(passes, keys), 1):
+        apart = ", ".join(f"{k}={json.dumps(key[k])}" for k in differ)
+        lines.append(f"  pass {n}{f' ({apart})' if apart else ''}: {len(group)} student"
+                     f"{'s' if len(group) > 1 else ''}: {', '.join(runs[i].name for i in group)}")
+    return lines
 
 
 def _try_lock(run_dir: Path) -> int | None:
@@ -234,58 +273,84 @@ def _try_lock(run_dir: Path) -> int | None:
     return fd
 
 
-def execute(manifest_path: str, runs: list[PlannedRun], jobs: int, echo: Callable[[str], None]) -> dict[str, str]:
-    """Train the runs `jobs` at a time; returns {run name: outcome}: "done", "failed (exit N)" or "busy: ..."
-    (another process holds its lock). Must be called before this process runs any torch op: a fork after
-    OpenMP has started its threads is not safe."""
+def _failure(run: PlannedRun, exitcode: int | None) -> str:
+    error = run.run_dir / ERROR
+    if error.is_file():
+        return "failed: " + error.read_text().split(":", 1)[0].strip()
+    return f"failed (exit {exitcode})"
+
+
+def execute(manifest_path: str, runs: list[PlannedRun], passes: list[tuple[int, list[int]]], jobs: int,
+            sweep_dir: Path, echo: Callable[[str], None]) -> dict[str, str]:
+    """Train the passes ((number, indices into `runs`)) `jobs` at a time; returns {run name: outcome}: "done",
+    "failed: <error type>" / "failed (exit N)" or "busy: ..." (another process holds its lock). Must be called
+    before this process runs any torch op: a fork after OpenMP has started its threads is not safe."""
     context = multiprocessing.get_context("fork")
-    pending, running, outcome, started = list(runs), {}, {}, 0
+    pending, running, outcome, started = list(passes), {}, {}, 0
     while pending or running:
         while pending and len(running) < jobs:
-            run = pending.pop(0)
-            fd = _try_lock(run.run_dir)
-            if fd is None:
-                outcome[run.name] = "busy: another process is training it"
-                echo(f"  {run.name}: another process is training it; skipped")
+            number, group = pending.pop(0)
+            members, fds = [], []
+            for run in (runs[i] for i in group):
+                fd = _try_lock(run.run_dir)
+                if fd is None:
+                    outcome[run.name] = "busy: another process is training it"
+                    echo(f"  {run.name}: another process is training it; skipped")
+                elif run.finished:  # another sweep finished it meanwhile
+                    os.close(fd)
+                    outcome[run.name] = "done"
+                else:
+                    members.append(run)
+                    fds.append(fd)
+            if not members:
                 continue
-            if run.finished:  # another sweep finished it meanwhile
-                os.close(fd)
-                outcome[run.name] = "done"
-                continue
-            log = run.run_dir / LOG
-            resumed = " (resuming its checkpoint)" if (run.run_dir / CHECKPOINT).exists() else ""
-            child = context.Process(target=_train_child, args=(os.getpid(), manifest_path, run.sets, str(log)),
-                                    name=f"sweep-{run.name}", daemon=False)
+            log = log_of(sweep_dir, number)
+            child = context.Process(target=_train_pass_child,
+                                    args=(os.getpid(), manifest_path, [r.sets for r in members], str(log)),
+                                    name=f"sweep-pass-{number}", daemon=False)
             sys.stdout.flush()
             sys.stderr.flush()
             child.start()
-            os.close(fd)  # the child holds the lock through its inherited copy until it exits
+            for fd in fds:
+                os.close(fd)  # the child holds the locks through its inherited copies until it exits
             started += 1
-            echo(f"[{started}/{len(runs)}] {run.name}: training{resumed}, log {log}")
-            running[run.name] = (run, child, time.monotonic())
-        for name, (run, child, since) in list(running.items()):
+            resumed = [r.name for r in members if (r.run_dir / CHECKPOINT).exists()]
+            echo(f"[pass {number}, {started} started of {len(passes)}] training {len(members)} student"
+                 f"{'s' if len(members) > 1 else ''} on one data pass: {', '.join(r.name for r in members)}"
+                 f"{f' (resuming {len(resumed)} from their checkpoints)' if resumed else ''}; log {log}")
+            running[number] = (members, child, time.monotonic())
+        for number, (members, child, since) in list(running.items()):
             if child.exitcode is None:
                 continue
-            del running[name]
+            del running[number]
             seconds = time.monotonic() - since
-            if child.exitcode == 0 and run.finished:
-                outcome[name] = "done"
-                echo(f"  {name}: done in {seconds:.0f} s")
-            else:
-                outcome[name] = f"failed (exit {child.exitcode})"
-                echo(f"  {name}: FAILED (exit {child.exitcode}) after {seconds:.0f} s; see {run.run_dir / LOG}")
+            for run in members:
+                if run.finished:
+                    outcome[run.name] = "done"
+                    echo(f"  {run.name}: done (pass {number}, {seconds:.0f} s)")
+                else:
+                    outcome[run.name] = _failure(run, child.exitcode)
+                    echo(f"  {run.name}: FAILED ({outcome[run.name]}) in pass {number}; see "
+                         f"{run.run_dir / LOG} and {log_of(sweep_dir, number)}")
         time.sleep(POLL_S)
     return outcome
+
+
+def log_of(sweep_dir: Path, number: int) -> Path:
+    return sweep_dir / f"pass-{number}.log"
 
 
 # --------------------------------------------------------------------------------------------- summary
 
 
-def summary_rows(runs: list[PlannedRun], outcome: dict[str, str]) -> list[dict[str, Any]]:
-    """One row per run: name, status, its overrides, val metrics; finished runs first, best joint top-1 first."""
+def summary_rows(runs: list[PlannedRun], outcome: dict[str, str],
+                 passes: list[list[int]] | None = None) -> list[dict[str, Any]]:
+    """One row per run: name, status, its overrides, val metrics, its data pass (the number of the group of
+    runs that share one); finished runs first, best joint top-1 first."""
+    number = {i: n for n, group in enumerate(passes or [[i] for i in range(len(runs))], 1) for i in group}
     rows = []
-    for run in runs:
-        row: dict[str, Any] = {"run": run.name, **run.overrides}
+    for i, run in enumerate(runs):
+        row: dict[str, Any] = {"run": run.name, **run.overrides, "pass": number[i]}
         if run.finished:
             result = json.loads((run.run_dir / RESULT).read_text())
             row["status"] = "done"
@@ -304,18 +369,18 @@ def write_summary(rows: list[dict[str, Any]], sweep_dir: Path, title: str) -> st
     """summary.csv (a column per swept key, raw numbers) and summary.md (percentages) in the sweep dir;
     returns the Markdown."""
     swept = list(dict.fromkeys(key for row in rows for key in row if key.startswith("student.")))
-    columns = ["rank", "run", "status", *swept, *METRICS, "steps", "seconds"]
+    columns = ["rank", "run", "status", *swept, *METRICS, "steps", "seconds", "pass"]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for rank, row in enumerate(rows, 1):
             writer.writerow({"rank": rank, **row})
     heads = ["#", "run", "status", "joint top-1 %", "class top-1 %", "dist top-1 %", "joint=teacher %",
-             "class=teacher %", "dist=teacher %", "teacher top-1 %", "steps", "seconds"]
+             "class=teacher %", "dist=teacher %", "teacher top-1 %", "steps", "seconds", "pass"]
     lines = [f"# {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for rank, row in enumerate(rows, 1):
         cells = [str(rank), row["run"], row["status"]] + [_percent(row.get(k)) for k in METRICS]
-        cells += [str(row.get("steps", "-")), str(row.get("seconds", "-"))]
+        cells += [str(row.get("steps", "-")), str(row.get("seconds", "-")), str(row.get("pass", "-"))]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (sweep_dir / "summary.md").write_text(text)
@@ -336,17 +401,24 @@ def sweep(manifest_path: str, sweep_path: str, jobs: int = 1, sweep_dir: str | P
     for run in finished:
         check_finished(run, fingerprint)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    passes = group_runs([run.manifest for run in runs])
     (sweep_dir / "sweep.json").write_text(json.dumps(
         {"manifest": str(manifest_path), "sweep": str(sweep_path), "cache": runs[0].manifest.cache.path,
-         "runs": {run.name: run.sets for run in runs}}, indent=1) + "\n")
-    todo = [run for run in runs if not run.finished]
+         "runs": {run.name: run.sets for run in runs},
+         "passes": [[runs[i].name for i in group] for group in passes]}, indent=1) + "\n")
+    todo = [(n, group) for n, group in enumerate(passes, 1) if any(not runs[i].finished for i in group)]
     echo(f"sweep {spec.name}: {len(runs)} runs in {sweep_dir} against cache {runs[0].manifest.cache.path}; "
-         f"{len(finished)} finished already, {len(todo)} to train, {jobs} at a time")
-    outcome = execute(str(manifest_path), todo, jobs, echo) if todo else {}
-    rows = summary_rows(runs, outcome)
+         f"{len(finished)} finished already, {len(runs) - len(finished)} to train; {len(passes)} data pass"
+         f"{'es' if len(passes) > 1 else ''} ({len(todo)} with runs to train, {jobs} at a time):")
+    for line in describe_passes(runs, passes):
+        echo(line)
+    outcome = execute(str(manifest_path), runs, todo, jobs, sweep_dir, echo) if todo else {}
+    rows = summary_rows(runs, outcome, passes)
     echo(write_summary(rows, sweep_dir, f"sweep {spec.name}: {len(runs)} students from cache {fingerprint}, "
                                         f"ranked by the joint head's val top-1"))
-    failed = [f"{name} ({how}, log {sweep_dir / name / LOG})" for name, how in outcome.items() if how != "done"]
+    number = {runs[i].name: n for n, group in enumerate(passes, 1) for i in group}
+    failed = [f"{name} ({how}, log {sweep_dir / name / LOG}, pass log {log_of(sweep_dir, number[name])})"
+              for name, how in outcome.items() if how != "done"]
     if failed:
         raise SweepError(f"sweep {spec.name}: {len(failed)} of {len(runs)} runs did not finish: {'; '.join(failed)}. "
                          f"Re-run the sweep to retry them (finished runs are skipped, interrupted ones resume)")

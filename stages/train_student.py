@@ -4,6 +4,7 @@ import click
 
 from pipeline.cli import manifest_options
 from pipeline.distributed import world
+from pipeline.run_log import console_logging
 from pipeline.train import train
 
 
@@ -11,7 +12,9 @@ from pipeline.train import train
 @manifest_options
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_student(m, progress):
-    """Train student.model from cache.path; under torchrun every rank trains on its own shards (DDP)."""
+    """Train student.model from cache.path; under torchrun every rank trains on its own shards (DDP). Logs to
+    the console and <run_dir>/train.log; a re-run resumes from <run_dir>/last.pth."""
+    console_logging()
     with world() as w:
         result = train(m, w, progress=progress)
     if w.rank == 0:

@@ -221,7 +221,7 @@ def test_run_predictions_from_its_checkpoint_give_its_result(tiny_cache, tmp_pat
                    progress=False)
     got = compute(str(tiny_cache.cache_path), [tmp_path / "run"])
     run = got["runs"]["run"]
-    assert run["source"] == "checkpoint.pt" and run["samples"] == result["samples"] == 20
+    assert run["source"] == "last.pth" and run["samples"] == result["samples"] == 20
     for head in HEADS:
         assert run["top1"][head] == pytest.approx(result[f"top1_{head}"])
         assert run["agree"][head] == pytest.approx(result[f"agree_{head}"])
@@ -250,10 +250,10 @@ def test_run_errors_name_the_directory_and_the_fix(synthetic_cache, tmp_path):
                                          r".*cache \(fingerprint ffffffffffffffff\): pass the run's own cache"):
         compute(synthetic_cache, [other])
     (other / "result.json").write_text(json.dumps({"cache_fingerprint": "f" * 16}))
-    with pytest.raises(StatsError, match=r"other has a result.json but no checkpoint.pt to evaluate"):
+    with pytest.raises(StatsError, match=r"other has a result.json but no last.pth to evaluate"):
         compute(synthetic_cache, [other])
     (other / "result.json").write_text(json.dumps({"cache_fingerprint": "f" * 16, "config": {"bogus": 1}}))
-    (other / "checkpoint.pt").write_bytes(b"")
+    (other / "last.pth").write_bytes(b"")
     with pytest.raises(StatsError, match=r"result.json: its config is not a valid run spec any more \(unknown key "
                                          r"bogus.*\); write the run's val_predictions.npz"):
         compute(synthetic_cache, [other])

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.manifest import to_dict
-from pipeline.sweep import SweepError, expand, load_sweep, plan, run_name, sweep
+from pipeline.manifest import load, to_dict
+from pipeline.sweep import SweepError, describe_passes, expand, group_runs, load_sweep, plan, run_name, sweep
 
 torch.set_num_threads(1)
 
@@ -51,6 +51,33 @@ def test_shipped_sweeps_expand_to_named_runs():
         [(1, 0.5), (1, 0.9), (1, 0.5), (1, 0.9), (1, 0.1)]
     tiny = load_sweep(TINY_SWEEP)
     assert tiny.name == "tiny" and len(expand(tiny)) == 3
+
+
+def test_runs_are_grouped_into_data_passes_by_what_decides_their_batches(tmp_path):
+    spec = load_sweep(_write(tmp_path / "s.yaml", """name: s
+base: {student.data_seed: 0}
+grid:
+  student.distillation: [soft, hard]
+  student.seed: [0, 1]
+runs:
+  - {student.batch_size: 32, student.optim.lr: 0.002}
+  - {student.batch_size: 32, student.model_args: {embed_dim: 32, depth: 2, num_heads: 2}}
+  - {student.data_seed: 5}
+"""))
+    runs = plan(REPO / "manifests" / "demo.yaml", spec, tmp_path / "out")
+    passes = group_runs([r.manifest for r in runs])
+    assert [[runs[i].name for i in group] for group in passes] == [
+        ["distillation=soft,seed=0", "distillation=soft,seed=1", "distillation=hard,seed=0", "distillation=hard,seed=1"],
+        ["batch_size=32,lr=0.002", "batch_size=32,model_args.embed_dim=32,model_args.depth=2,model_args.num_heads=2"],
+        ["data_seed=5"]]
+    lines = describe_passes(runs, passes)
+    assert lines[0] == ("  pass 1 (batch_size=64, data_seed=0): 4 students: distillation=soft,seed=0, "
+                        "distillation=soft,seed=1, distillation=hard,seed=0, distillation=hard,seed=1")
+    assert lines[1].startswith("  pass 2 (batch_size=32, data_seed=0): 2 students: batch_size=32,lr=0.002, ")
+    assert lines[2] == "  pass 3 (batch_size=64, data_seed=5): 1 student: data_seed=5"
+    # without a fixed data seed, each init seed shuffles its own data: no shared pass across seeds
+    seeds = load_sweep(_write(tmp_path / "t.yaml", "grid: {student.seed: [0, 1]}\n"))
+    assert len(group_runs([r.manifest for r in plan(REPO / "manifests" / "demo.yaml", seeds, tmp_path)])) == 2
 
 
 def test_run_names():
@@ -129,7 +156,7 @@ def test_a_run_another_process_trains_is_skipped_and_reported(tiny_cache, tmp_pa
     lines = []
     try:
         with pytest.raises(SweepError, match=r"sweep one: 1 of 1 runs did not finish: seed=3 \(busy: another process "
-                                             r"is training it, log .*train.log\)\. Re-run the sweep to retry them"):
+                                             r"is training it, log .*train.log, pass log .*pass-1.log\)\. Re-run the sweep to retry them"):
             sweep("manifests/tiny.yaml", one, sweep_dir=tmp_path / "out", common=tuple(_common(tiny_cache)),
                   echo=lines.append)
     finally:
@@ -171,48 +198,81 @@ def _lock_is_free(run_dir):
         os.close(fd)
 
 
+KILL_SWEEP = """name: kill
+base: {student.epochs: 2, student.ckpt_every: 5, student.verify_sample: 0.0, student.data_seed: 0}
+runs:
+  - {student.distillation: soft, student.alpha: 0.7, student.tau: 2.0}
+  - {student.distillation: hard, student.seed: 1, student.ema: 0.9}
+  - {student.distillation: none, student.optim.lr: 0.002, student.optim.clip_grad: 1.0}
+"""
+
+
+def _steps(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["epoch"], r["loss"], r["base"], r["distill"], r["lr"])
+            for r in map(json.loads, lines) if r["event"] == "step"]
+
+
+def _evals(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "eval"]
+
+
 @pytest.mark.slow
-def test_two_sweeps_share_the_cache_and_a_killed_sweep_finishes_only_missing_runs(tiny_cache, tmp_path):
-    first = tmp_path / "tiny"
-    other = _write(tmp_path / "other.yaml", "name: other\nbase: {student.epochs: 1, student.verify_sample: 0.0}\n"
-                                            "runs: [{student.seed: 1}]\n")
-    killed = _start(tiny_cache, TINY_SWEEP, first)
-    beside = _start(tiny_cache, other, tmp_path / "other", "--jobs", "2")
-    done_first = first / "distillation=soft" / "result.json"
-    _wait_for(lambda: done_first.exists() or killed.poll() is not None, 180, "the first run's result")
+def test_a_killed_shared_pass_resumes_every_student_with_identical_losses(tiny_cache, tmp_path):
+    """Three students on one data pass, the sweep SIGKILLed mid-pass: re-run, every student resumes from its own
+    last.pth and ends with the per-step losses, evaluations and weights of the same student trained alone."""
+    from safetensors.torch import load_file
+
+    from pipeline.train import train
+
+    spec = _write(tmp_path / "kill.yaml", KILL_SWEEP)
+    out = tmp_path / "kill"
+    killed = _start(tiny_cache, spec, out)
+    runs = [out / name for name in ("distillation=soft,alpha=0.7,tau=2.0", "distillation=hard,seed=1,ema=0.9",
+                                    "distillation=none,lr=0.002,clip_grad=1.0")]
+    _wait_for(lambda: all((r / "last.pth").exists() for r in runs) or killed.poll() is not None, 180,
+              "every student's first checkpoint")
     killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
-    # the trainer of the run under way died with the sweep: nothing holds its lock any more
-    _wait_for(lambda: _lock_is_free(first / "distillation=hard"), 10, "the killed sweep's trainer to die")
-    assert not (first / "distillation=hard" / "result.json").exists()
-    assert not (first / "distillation=none").exists()
+    output = killed.communicate()[0]
+    assert killed.returncode == -signal.SIGKILL, output
+    assert "3 runs in" in output and "1 data pass" in output and "pass 1: 3 students" in output
+    _wait_for(lambda: all(_lock_is_free(r) for r in runs), 10, "the killed sweep's trainer to die")
+    assert not any((r / "result.json").exists() for r in runs)
+    done = [torch.load(r / "last.pth", weights_only=True)["position"]["step"] for r in runs]
+    assert all(5 <= d < 24 for d in done), done
 
-    output, _ = beside.communicate(timeout=180)
-    assert beside.returncode == 0, output
-    assert (tmp_path / "other" / "seed=1" / "result.json").is_file()
-
-    before = {p.name: p.stat().st_mtime_ns for p in done_first.parent.iterdir()}
-    rerun = _start(tiny_cache, TINY_SWEEP, first)
-    output, _ = rerun.communicate(timeout=180)
+    rerun = _start(tiny_cache, spec, out)
+    output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output
-    assert "3 runs in" in output and "1 finished already, 2 to train" in output
-    assert "distillation=soft: training" not in output
-    assert {p.name: p.stat().st_mtime_ns for p in done_first.parent.iterdir()} == before
-    results = {name: json.loads((first / name / "result.json").read_text())
-               for name in ("distillation=soft", "distillation=hard", "distillation=none")}
-    assert {r["config"]["student"]["distillation"] for r in results.values()} == {"soft", "hard", "none"}
-    with open(first / "summary.csv") as f:
+    assert "training 3 students on one data pass" in output and "(resuming 3 from their checkpoints)" in output
+    for run_dir in runs:  # the same student alone
+        sets = [o for o in json.loads((out / "sweep.json").read_text())["runs"][run_dir.name]
+                if not o.startswith("student.run_dir=")]
+        alone = load("manifests/tiny.yaml", sets + [f"student.run_dir={tmp_path / 'alone' / run_dir.name}"])
+        expected = train(alone, progress=False)
+        assert _steps(run_dir) == _steps(tmp_path / "alone" / run_dir.name)
+        assert len(_steps(run_dir)) == 24
+        assert _evals(run_dir) == _evals(tmp_path / "alone" / run_dir.name)
+        got, want = load_file(run_dir / "model.safetensors"), load_file(tmp_path / "alone" / run_dir.name /
+                                                                         "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["top1_joint"] == expected["top1_joint"] and result["pass_runs"] == 3
+
+    with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [row["status"] for row in rows] == ["done"] * 3
-    assert {row["run"]: row["student.distillation"] for row in rows} == \
-        {name: r["config"]["student"]["distillation"] for name, r in results.items()}
+    assert [row["status"] for row in rows] == ["done"] * 3 and {row["pass"] for row in rows} == {"1"}
     joint = [float(row["top1_joint"]) for row in rows]
     assert joint == sorted(joint, reverse=True)
-    assert {row["run"]: float(row["top1_joint"]) for row in rows} == \
-        {name: r["top1_joint"] for name, r in results.items()}
-    summary = (first / "summary.md").read_text()
-    assert summary.count("| done |") == 3 and summary in output
+    assert (out / "summary.md").read_text().splitlines()[2].endswith("| seconds | pass |")
+
+    # finished runs are left alone: nothing rewritten, the training time kept
+    before = {p: p.stat().st_mtime_ns for r in runs for p in r.iterdir() if p.name != "sweep.lock"}
+    again = _start(tiny_cache, spec, out)
+    output, _ = again.communicate(timeout=120)
+    assert again.returncode == 0 and "3 finished already" in output, output
+    assert {p: p.stat().st_mtime_ns for r in runs for p in r.iterdir() if p.name != "sweep.lock"} == before
 
 
 @pytest.mark.slow
@@ -223,7 +283,7 @@ def test_a_failing_run_is_reported_with_its_log(tiny_cache, tmp_path):
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 1
     log = tmp_path / "out" / "model=vit_tiny_patch16_224" / "train.log"
-    assert re.search(r"sweep broken: 1 of 1 runs did not finish: model=vit_tiny_patch16_224 \(failed \(exit 1\), "
-                     r"log .*train.log\)\. Re-run the sweep to retry them", output), output
-    assert "| failed (exit 1) |" in output
+    assert re.search(r"sweep broken: 1 of 1 runs did not finish: model=vit_tiny_patch16_224 \(failed: ManifestError, "
+                     r"log .*train.log, pass log .*pass-1.log\)\. Re-run the sweep to retry them", output), output
+    assert "| failed: ManifestError |" in output
     assert "has no distillation head" in log.read_text()

@@ -82,14 +82,14 @@ def test_resume_after_sigkill_continues_with_identical_losses(tiny_cache, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", "from stages.train_student import train_student; train_student()",
                              *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = killed / "checkpoint.pt"
+    checkpoint = killed / "last.pth"
     deadline = time.time() + 120
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
-    done = torch.load(checkpoint, weights_only=False)["position"]["step"]
+    done = torch.load(checkpoint, weights_only=True)["position"]["step"]
     assert 5 <= done < expected["steps"]
 
     with pytest.warns(UserWarning, match="cycle"):
@@ -129,7 +129,7 @@ def test_resume_from_an_epoch_end_checkpoint(tiny_cache, tmp_path):
 
 def test_resume_refuses_a_changed_run_spec(tiny_cache, tmp_path):
     train(tiny_cache.manifest("student.epochs=1", run_dir=tmp_path), progress=False)
-    with pytest.raises(ManifestError, match=r"checkpoint.pt is a checkpoint of another run: student.optim.lr was "
+    with pytest.raises(ManifestError, match=r"last.pth is a checkpoint of another run: student.optim.lr was "
                                             r"0.001, the run spec now has 0.002"):
         train(tiny_cache.manifest("student.epochs=1", "student.optim.lr=0.002", run_dir=tmp_path), progress=False)
 
@@ -199,7 +199,7 @@ def test_non_finite_loss_names_the_step_before_the_optimizer_step(tiny_cache, tm
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 \(epoch 0\): loss=nan, base=[0-9.]+, "
                                                  r"distill=nan. Stopped before the optimizer step"):
         train(m, answers=poisoned, progress=False)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["position"]["step"] == 2
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["position"]["step"] == 2
     assert [r["step"] for r in _records(tmp_path)] == [1, 2]
 
 
