@@ -24,7 +24,25 @@ COMMANDS = {
 }
 
 
+# subcommand -> the one-line summary `distill --help` lists, so that listing imports no stage module (no torch)
+SUMMARIES = {
+    "shards": "Build WebDataset shards, a shard list and a class map.",
+    "shardlist": "Scan shards made by any tool into a shard list.",
+    "teacher": "Train the small demo teacher into teacher.checkpoint.",
+    "teacher-cache": "Stage 1: fill, resume or extend the teacher cache.",
+    "train-student": "Stage 2: train a distilled ViT from the cache.",
+    "sweep": "Train a grid of students against one read-only cache.",
+    "stats": "Teacher agreement statistics of a cache and its student runs.",
+    "inspect-view": "Replay one cached view: PNGs, a figure, its parameters and top-K.",
+    "verify-cache": "Recompute the teacher on a sample of cached views.",
+    "bench": "Speed ratios and storage cost; writes BENCHMARKS.md.",
+    "demo": "The whole pipeline on the embedded default, end to end.",
+}
+
+
 class LazyGroup(click.Group):
+    """Imports a subcommand's stage module only when that subcommand runs or prints its own --help."""
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 
@@ -33,6 +51,12 @@ class LazyGroup(click.Group):
             return None
         module, attr = COMMANDS[name].split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, SUMMARIES.get(name) or self.get_command(ctx, name).get_short_help_str())
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,3 +99,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from pipeline.train import NonFiniteLossError
 
     return CacheError, WriterLockError, ManifestError, ShardError, TeacherError, NonFiniteLossError
+
+
+if __name__ == "__main__":
+    main()

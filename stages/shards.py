@@ -5,12 +5,13 @@ from pathlib import Path
 import click
 
 from pipeline.manifest import ManifestError, load
-from pipeline.reader import ShardError
-from pipeline.shards import (SHARDLIST_NAME, build_shardlist, expand_shard_paths, load_class_map, load_shardlist,
-                             write_digits, write_imagefolder)
+
+# pipeline.shards and pipeline.reader (webdataset, so torch) are imported inside the commands: --help stays instant
 
 
 def _summary(path: Path) -> str:
+    from pipeline.shards import load_shardlist
+
     shardlist = load_shardlist(path)
     count = len(shardlist.shards)
     return (f"{shardlist.num_samples} samples in {count} shard{'s' * (count != 1)}, "
@@ -19,6 +20,8 @@ def _summary(path: Path) -> str:
 
 def digits_root(manifest) -> Path:
     """The directory `write_digits` fills so that it produces exactly data.train and data.val."""
+    from pipeline.shards import SHARDLIST_NAME
+
     root = Path(manifest.data.train).parent.parent
     for key, split in (("train", "train"), ("val", "val")):
         wanted = root / split / SHARDLIST_NAME
@@ -41,6 +44,9 @@ def digits_root(manifest) -> Path:
               help="Seed of the global shuffle (--src) or of the digits train/val split.")
 def shards(manifest, overrides, src, out, shard_size, seed):
     """Build WebDataset shards, a shard list and a class map."""
+    from pipeline.reader import ShardError
+    from pipeline.shards import write_digits, write_imagefolder
+
     try:
         if src is not None:
             if out is None:
@@ -60,11 +66,14 @@ def shards(manifest, overrides, src, out, shard_size, seed):
 @click.command()
 @click.argument("patterns", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False),
-              help=f"Where to write the list [default: {SHARDLIST_NAME} in the shards' common directory].")
+              help="Where to write the list [default: shardlist.json in the shards' common directory].")
 @click.option("--class-map", type=click.Path(exists=True, dir_okay=False),
               help='JSON class names ({"classes": [...]}); default: "0".."<largest cls>".')
 def shardlist(patterns, out, class_map):
     """Scan shards made by any tool (paths, globs, brace ranges) into a shard list."""
+    from pipeline.reader import ShardError
+    from pipeline.shards import SHARDLIST_NAME, build_shardlist, expand_shard_paths, load_class_map
+
     try:
         paths = expand_shard_paths(patterns)
         if out is None:

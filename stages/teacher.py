@@ -5,11 +5,12 @@ from pathlib import Path
 import click
 
 from pipeline.cli import manifest_options
-from pipeline.teacher import decode_split, train_teacher
 
 
 def train_demo_teacher(m, force: bool = False) -> str:
     """Train teacher.model on the train shards into teacher.checkpoint unless it exists; returns a report line."""
+    from pipeline.teacher import decode_split, train_teacher
+
     if not m.teacher.checkpoint:
         raise click.UsageError("teacher.checkpoint is not set: name the file `make teacher` should write")
     if Path(m.teacher.checkpoint).exists() and not force:

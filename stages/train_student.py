@@ -3,8 +3,6 @@
 import click
 
 from pipeline.cli import manifest_options
-from pipeline.distributed import world
-from pipeline.train import train
 
 
 @click.command("train-student")
@@ -12,6 +10,9 @@ from pipeline.train import train
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_student(m, progress):
     """Train student.model from cache.path; under torchrun every rank trains on its own shards (DDP)."""
+    from pipeline.distributed import world
+    from pipeline.train import train
+
     with world() as w:
         result = train(m, w, progress=progress)
     if w.rank == 0:
