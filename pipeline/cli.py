@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
+import shlex
 
 import click
 
@@ -84,9 +86,26 @@ def manifest_options(fn):
         try:
             return fn(m=m, **kwargs)
         except user_errors() as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(with_make_args(str(e), manifest_path, overrides)) from None
+        except click.ClickException as e:
+            e.message = with_make_args(e.message, manifest_path, overrides)
+            raise
 
     return wrapper
+
+
+DEFAULT_MANIFEST = "manifests/demo.yaml"
+
+
+def with_make_args(message: str, manifest_path: str, overrides=()) -> str:
+    """Give each `make TARGET ...` the message suggests the MANIFEST= (and SET=) of this command, so the
+    suggested command works on the same run spec: the library raising the error does not know them."""
+    extra = [] if manifest_path == DEFAULT_MANIFEST else [f"MANIFEST={shlex.quote(str(manifest_path))}"]
+    extra += [f"SET={shlex.quote(' '.join(overrides))}"] if overrides else []
+    if not extra:
+        return message
+    return re.sub(r"`make ([a-z][a-z-]*)((?:(?!MANIFEST=)[^`])*)`", lambda g: f"`make {g[1]}{g[2]} {' '.join(extra)}`",
+                  message)
 
 
 def user_errors() -> tuple[type[Exception], ...]:

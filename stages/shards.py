@@ -42,12 +42,29 @@ def digits_root(manifest) -> Path:
               help="Samples per shard [default: 1000 with --src, else data.shard_size].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the global shuffle (--src) or of the digits train/val split.")
-def shards(manifest, overrides, src, out, shard_size, seed):
+@click.option("--if-missing", is_flag=True,
+              help="Only make sure data.train and data.val exist: build the built-in data if they do not, say how "
+                   "to list your own shards otherwise (the Makefile's prerequisite step).")
+def shards(manifest, overrides, src, out, shard_size, seed, if_missing):
     """Build WebDataset shards, a shard list and a class map."""
+    from pipeline.cli import with_make_args
     from pipeline.reader import ShardError
     from pipeline.shards import write_digits, write_imagefolder
 
     try:
+        if if_missing and src is None:
+            spec = load(manifest, overrides)
+            missing = [f"data.{key}={path}" for key, path in (("train", spec.data.train), ("val", spec.data.val))
+                       if not Path(path).is_file()]
+            if not missing:
+                click.echo(f"shards: {spec.data.train} and {spec.data.val} exist")
+                return
+            if spec.data.builtin == "none":
+                raise click.ClickException(with_make_args(
+                    f"{' and '.join(missing)} do not exist and data.builtin is none: build them with "
+                    f"`make shards SRC=/imagefolder OUT=dir` or list shards made elsewhere with "
+                    f"`make shardlist SHARDS='dir/*.tar'`, then point data.train/data.val at the shardlist.json "
+                    f"files", manifest, overrides))
         if src is not None:
             if out is None:
                 raise click.UsageError("--src needs --out: the directory to write the shards to")
@@ -60,7 +77,7 @@ def shards(manifest, overrides, src, out, shard_size, seed):
         for path in write_digits(digits_root(spec), shard_size or spec.data.shard_size, seed):
             click.echo(_summary(path))
     except (ShardError, ManifestError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(with_make_args(str(e), manifest, overrides)) from None
 
 
 @click.command()
