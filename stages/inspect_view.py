@@ -19,7 +19,7 @@ from stages.stats import default_out
 @click.option("--student-size", type=int, default=None,
               help="Also render at this size [default: the manifest's student.img_size].")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Output directory [default: <cache>/stats].")
+              help="Output directory [default: <cache>-views, next to the cache].")
 def inspect_view(m, cache_path, epoch, shard, pos, student_size, out):
     """Replay one cached training view with the stored parameters, write it as PNG (teacher size, and the
     student size if different), print the parameters and the teacher's top-K, and check its digest.
@@ -34,7 +34,7 @@ def inspect_view(m, cache_path, epoch, shard, pos, student_size, out):
         view = inspect(root, load_shardlist(m.data.train), epoch, shard, pos, student_size or m.student.img_size)
     except (cache.CacheError, IndexError) as e:
         raise click.ClickException(str(e)) from None
-    paths = write_pngs(view, Path(out) if out else default_out(cache_path))
+    paths = write_pngs(view, Path(out) if out else default_out(cache_path, "views"))
     partner = f", mixed with {view.partner_key!r}" if view.partner_key else ""
     click.echo(f"view of cache epoch {epoch}, shard {shard}, position {pos}: sample {view.key!r} "
                f"(label {view.label}{partner})")

@@ -8,13 +8,15 @@ import click
 from pipeline.manifest import ManifestError, load
 
 
-def default_out(cache_path: str) -> Path:
+def default_out(cache_path: str, kind: str = "stats") -> Path:
+    """`<cache>-<kind>/`, next to the cache and not inside it, so the cache's size on disk stays its own."""
     from pipeline.cache import local_dir
 
     root = local_dir(cache_path)
     if root is None:
         raise click.UsageError(f"the cache {cache_path} is not a local directory: pass --out for the outputs")
-    return root / "stats"
+    root = root if root.name else root.resolve()
+    return root.parent / f"{root.name}-{kind}"
 
 
 def cache_path_of(cache_path: str | None, manifest_path: str, overrides: tuple[str, ...]) -> str:
@@ -36,7 +38,7 @@ def cache_path_of(cache_path: str | None, manifest_path: str, overrides: tuple[s
 @click.option("--run", "runs", multiple=True, type=click.Path(file_okay=False),
               help="A student run_dir, or a sweep directory holding several (repeatable).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Output directory [default: <cache>/stats].")
+              help="Output directory [default: <cache>-stats, next to the cache].")
 def stats(cache_path, manifest_path, overrides, runs, out):
     """Teacher top-1 on its cached views, top-K mass and entropy (is K large enough?), per-class accuracy and
     agreement, and DeiT's Table 4 for the runs: printed, and written as stats.json plus PNG plots."""

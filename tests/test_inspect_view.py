@@ -102,3 +102,19 @@ def test_other_shards_and_incomplete_units_are_refused(tiny_cache, tmp_path):
     assert result.exit_code == 1
     assert ("train unit (epoch 1, shard group 2, shards [2]) is not complete: resume `make teacher-cache`"
             in result.output)
+
+
+def test_outputs_go_next_to_the_cache_and_leave_its_size_alone(tiny_cache, tmp_path):
+    from pipeline import cache
+
+    copy = tmp_path / "cache"
+    shutil.copytree(tiny_cache.cache_path, copy)
+
+    def files():
+        return {str(p.relative_to(copy)): p.stat().st_size for p in copy.rglob("*") if p.is_file()}
+
+    before, size = files(), cache.disk_usage(str(copy))
+    result = _invoke(tiny_cache, "--epoch", EPOCH, "--shard", SHARD, "--pos", POS, cache_path=copy)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache-views" / f"view-e{EPOCH}-s{SHARD}-p{POS}-teacher-16px.png").is_file()
+    assert files() == before and cache.disk_usage(str(copy)) == size

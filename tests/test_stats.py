@@ -323,3 +323,18 @@ def test_incomplete_val_is_left_out(synthetic_cache, tmp_path):
     assert got["cache"]["units"]["val"] == {"done": 0, "total": 1}
     assert got["val"]["samples"] == 0 and got["val"]["teacher_top1"] is None
     assert "val 0/1" in format_table(got)
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def test_outputs_go_next_to_the_cache_and_leave_its_size_alone(synthetic_cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(synthetic_cache, copy)
+    before, size = _files(copy), cache.disk_usage(str(copy))
+    result = CliRunner().invoke(stats_command, ["--cache", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache-stats" / "stats.json").is_file() and (tmp_path / "cache-stats" / "mass.png").is_file()
+    assert f"in {tmp_path / 'cache-stats'}" in result.output
+    assert _files(copy) == before and cache.disk_usage(str(copy)) == size
