@@ -229,8 +229,8 @@ class Range:
 
     def __str__(self) -> str:
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo}"
-        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+            return f"be {'>' if self.lo_open else '>='} {self.lo}"
+        return f"lie in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
 
 
 COUNT, NONNEG, POSITIVE, SHARE = Range(1), Range(0), Range(0, lo_open=True), Range(0, 1)
@@ -282,7 +282,7 @@ def check_ranges(m: "Manifest", under: str = "") -> None:
         value = field_value(m, key)
         if value is not None and value not in valid:
             default = field_value(Manifest(), key)
-            raise ManifestError(f"{key}={value!r} must be {valid}"
+            raise ManifestError(f"{key}={value!r} must {valid}"
                                 + (f": set it to a valid value (default {default!r})" if default is not None else ""))
 
 

@@ -130,13 +130,13 @@ def test_an_unknown_key_from_set_is_blamed_on_set_with_the_nearest_key(tmp_path)
     ("student.patch_size=0", "student.patch_size=0 must be >= 1: set it to a valid value (default 16)"),
     ("cache.workers=-1", "cache.workers=-1 must be >= 0"),
     ("student.workers=-2", "student.workers=-2 must be >= 0"),
-    ("student.verify_sample=1.5", "student.verify_sample=1.5 must be in [0, 1]"),
+    ("student.verify_sample=1.5", "student.verify_sample=1.5 must lie in [0, 1]"),
     ("student.ckpt_every=-1", "student.ckpt_every=-1 must be >= 0"),
     ("student.eval_every=-1", "student.eval_every=-1 must be >= 0"),
-    ("student.ema=1.0", "student.ema=1.0 must be in (0, 1)"),
-    ("views.crop.scale=[0, 1]", "views.crop.scale[0]=0.0 must be in (0, 1]: set it to a valid value (default 0.08)"),
+    ("student.ema=1.0", "student.ema=1.0 must lie in (0, 1)"),
+    ("views.crop.scale=[0, 1]", "views.crop.scale[0]=0.0 must lie in (0, 1]: set it to a valid value (default 0.08)"),
     ("cache.top_k=0", "cache.top_k=0 must be >= 1"),
-    ("student.smoothing=1", "student.smoothing=1.0 must be in [0, 1)"),
+    ("student.smoothing=1", "student.smoothing=1.0 must lie in [0, 1)"),
 ])
 def test_a_number_out_of_range_names_the_key_the_range_and_the_set_that_gave_it(override, message):
     with pytest.raises(ManifestError) as e:
