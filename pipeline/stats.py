@@ -19,6 +19,7 @@ headline numbers in result.json (not the EMA weights).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -270,7 +271,12 @@ def _predict_from_checkpoint(run_dir: Path, result: dict, root, cache_path: str,
         raise StatsError(f"{run_dir}: its data.val ({m.data.val}) lists other val shards than the cache "
                          f"{cache_path} was built from: run the statistics where the run's data paths resolve")
     student = create_student(m.student, len(root.attrs["classes"]))
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    try:  # weights_only: a pickle planted in a run directory is refused, never run
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise StatsError(f"{ckpt} holds more than tensors and plain data, so it was not loaded (no pickle from a "
+                         f"run directory is executed): {str(e).splitlines()[0]}. Retrain the run, or write its "
+                         f"{PREDICTIONS} with the code that trained it") from None
     student.model.load_state_dict(state["model"])
     student.model.eval()
     preds = {h: np.full(shape, -1, np.int64) for h in HEADS}

@@ -8,6 +8,7 @@ its checkpoint, must give the accuracies that training wrote to result.json."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,30 @@ def test_outputs_go_next_to_the_cache_and_leave_its_size_alone(synthetic_cache, 
     assert (tmp_path / "cache-stats" / "stats.json").is_file() and (tmp_path / "cache-stats" / "mass.png").is_file()
     assert f"in {tmp_path / 'cache-stats'}" in result.output
     assert _files(copy) == before and cache.disk_usage(str(copy)) == size
+
+
+class _Planted:
+    """Unpickling this touches a marker file: what an attacker's checkpoint would do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_pickle_planted_as_a_checkpoint_is_not_executed(tiny_cache, tmp_path):
+    from pipeline.manifest import to_dict
+
+    run = tmp_path / "run"
+    run.mkdir()
+    m = tiny_cache.manifest(run_dir=run)
+    (run / "result.json").write_text(json.dumps({"cache_fingerprint": tiny_cache.open().attrs["fingerprint"],
+                                                 "config": to_dict(m)}))
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Planted(marker)}, run / "checkpoint.pt")
+    with pytest.raises(StatsError, match=r"checkpoint.pt holds more than tensors and plain data, so it was not loaded"):
+        compute(str(tiny_cache.cache_path), [run])
+    assert not marker.exists()
+    torch.load(run / "checkpoint.pt", weights_only=False)  # the plant is real: a plain load runs it
+    assert marker.exists()
