@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 from webdataset import TarWriter
 from webdataset.shardlists import expand_urls
 
@@ -160,10 +161,12 @@ def _folder_key(relative: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(relative)[0])
 
 
-def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0) -> Path:
+def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0,
+                      progress: bool = False) -> Path:
     """Shard a torchvision ImageFolder tree (src/<class>/<image>): one global shuffle drawn from `seed`,
     image bytes copied unchanged under their own (lower-cased) extension, `cls` = class id. Writes
-    out/shard-NNNNNN.tar, out/shardlist.json and out/class_map.json; returns the shard list's path."""
+    out/shard-NNNNNN.tar, out/shardlist.json and out/class_map.json; returns the shard list's path.
+    `progress`: a bar on a terminal (none in logs)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     src, out = Path(src), Path(out)
@@ -200,7 +203,8 @@ def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, 
             yield {"__key__": keys[i], "cls": str(label).encode(), Path(path).suffix.lower().lstrip("."): data}
 
     order = np.random.default_rng(seed).permutation(len(files))
-    path = _write_shards(out, "shard", samples(order), shard_size, classes)
+    bar = tqdm(samples(order), total=len(order), unit="image", desc="shards", disable=None if progress else True)
+    path = _write_shards(out, "shard", bar, shard_size, classes)
     _write_class_map(out / CLASS_MAP_NAME, classes)
     return path
 

@@ -45,7 +45,8 @@ def digits_root(manifest) -> Path:
 @click.option("--if-missing", is_flag=True,
               help="Only make sure data.train and data.val exist: build the built-in data if they do not, say how "
                    "to list your own shards otherwise (the Makefile's prerequisite step).")
-def shards(manifest, overrides, src, out, shard_size, seed, if_missing):
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on a terminal.")
+def shards(manifest, overrides, src, out, shard_size, seed, if_missing, progress):
     """Build WebDataset shards, a shard list and a class map."""
     from pipeline.cli import with_make_args
     from pipeline.reader import ShardError
@@ -68,7 +69,7 @@ def shards(manifest, overrides, src, out, shard_size, seed, if_missing):
         if src is not None:
             if out is None:
                 raise click.UsageError("--src needs --out: the directory to write the shards to")
-            click.echo(_summary(write_imagefolder(src, out, shard_size or 1000, seed)))
+            click.echo(_summary(write_imagefolder(src, out, shard_size or 1000, seed, progress)))
             return
         spec = load(manifest, overrides)
         if spec.data.builtin != "digits":

@@ -39,7 +39,8 @@ def cache_path_of(cache_path: str | None, manifest_path: str, overrides: tuple[s
               help="A student run_dir, or a sweep directory holding several (repeatable).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Output directory [default: <cache>-stats, next to the cache].")
-def stats(cache_path, manifest_path, overrides, runs, out):
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on a terminal.")
+def stats(cache_path, manifest_path, overrides, runs, out, progress):
     """Teacher top-1 on its cached views, top-K mass and entropy (is K large enough?), per-class accuracy and
     agreement, and DeiT's Table 4 for the runs: printed, and written as stats.json plus PNG plots."""
     from pipeline.cache import CacheError
@@ -47,17 +48,17 @@ def stats(cache_path, manifest_path, overrides, runs, out):
 
     cache_path = cache_path_of(cache_path, manifest_path, overrides)
     try:
-        click.echo(write_stats(cache_path, list(runs), Path(out) if out else default_out(cache_path)))
+        click.echo(write_stats(cache_path, list(runs), Path(out) if out else default_out(cache_path), progress))
     except (CacheError, StatsError) as e:
         raise click.ClickException(str(e)) from None
 
 
-def write_stats(cache_path: str, runs: list, out: Path) -> str:
+def write_stats(cache_path: str, runs: list, out: Path, progress: bool = False) -> str:
     """Compute the statistics, write stats.json and the plots into `out`; returns the printable table."""
     from pipeline import plots
     from pipeline.stats import compute, format_table
 
-    result = compute(cache_path, runs)
+    result = compute(cache_path, runs, progress)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stats.json").write_text(json.dumps(result, indent=1) + "\n")
     pngs = plots.save_all(result, out)

@@ -36,10 +36,11 @@ def default(name: str):
                    "bfloat16 autocast and checked on CPU (or another GPU, batch size, thread count).")
 @click.option("--scan/--no-scan", default=True, show_default=True,
               help="First check every chunk of every complete unit: present, checksum intact.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on a terminal.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full report (every failing view) as JSON here.")
 def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_disagreement, logit_atol,
-                         logit_rtol, scan, json_path):
+                         logit_rtol, scan, progress, json_path):
     """Recompute the teacher on a random sample of the cache's complete units (train and val) and check
     digests, top-K agreement, logit and logsumexp errors; exit 1 past the thresholds. Units not complete
     yet are listed, not failed."""
@@ -51,7 +52,7 @@ def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_di
 
     thresholds = verify.Thresholds(max_digest_mismatches, max_top1_disagreement, logit_atol, logit_rtol)
     try:
-        report = verify.verify_cache(m, cache_path or m.cache.path, sample, seed, thresholds, scan)
+        report = verify.verify_cache(m, cache_path or m.cache.path, sample, seed, thresholds, scan, progress)
     except (CacheError, ManifestError, ShardError, TeacherError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(verify.format_report(report))

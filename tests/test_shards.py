@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -295,3 +296,18 @@ def test_shard_size_must_be_positive(tmp_path):
 
     with pytest.raises(ValueError, match="shard_size=0 must be at least 1"):
         write_digits(tmp_path, shard_size=0)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal, progress, shown", [(True, True, True), (True, False, False), (False, True, False)])
+def test_sharding_shows_a_bar_on_a_terminal_only(tmp_path, monkeypatch, terminal, progress, shown):
+    make_tree(tmp_path / "src")
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    write_imagefolder(tmp_path / "src", tmp_path / "out", 3, progress=progress)
+    assert ("shards: 100%" in err.getvalue() and "10/10" in err.getvalue()) is shown
+    assert shown or err.getvalue() == ""

@@ -5,9 +5,11 @@ sample, a padded shard, mixed views), recomputed here in plain numpy from the ar
 directly. A student run is checked on the shared tiny cache: its per-sample predictions, evaluated here from
 its checkpoint, must give the accuracies that training wrote to result.json."""
 
+import io
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +368,14 @@ def test_a_pickle_planted_as_a_checkpoint_is_not_executed(tiny_cache, tmp_path):
     assert not marker.exists()
     torch.load(run / "checkpoint.pt", weights_only=False)  # the plant is real: a plain load runs it
     assert marker.exists()
+
+
+def test_a_bar_over_the_complete_units_on_a_terminal_only(synthetic_cache, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, progress, shown in ((Terminal(), True, True), (Terminal(), False, False), (io.StringIO(), True, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        compute(synthetic_cache, progress=progress)
+        assert ("stats: 100%" in stream.getvalue() and "6/6" in stream.getvalue()) is shown  # 5 train + 1 val units
