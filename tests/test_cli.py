@@ -77,3 +77,18 @@ def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True)
     assert "teacher-cache" in out.stdout
+
+
+def test_the_readmes_fault_script_command_needs_no_work_directory(monkeypatch, tmp_path, capsys):
+    """`python tests/fault_script.py --kills 20` (README): the scratch directory defaults to a new temporary one.
+    The faults themselves are tested in test_faults.py; here only what the command line hands them."""
+    import fault_script
+
+    monkeypatch.setattr(fault_script.tempfile, "tempdir", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(fault_script, "run_faults", lambda *args: seen.setdefault("args", args) and {"ok": True})
+    assert fault_script.main(["--kills", "20"]) == 0
+    manifest, overrides, work, kills = seen["args"][:4]
+    assert work.parent == tmp_path and work.name.startswith("fault-script-") and work.is_dir()
+    assert kills == 20 and f"data.train={work}" in " ".join(overrides)
+    assert f"scratch directory: {work}" in capsys.readouterr().err
