@@ -50,7 +50,9 @@ def stats(cache_path, manifest_path, overrides, runs, out, progress):
     try:
         click.echo(write_stats(cache_path, list(runs), Path(out) if out else default_out(cache_path), progress))
     except (CacheError, StatsError) as e:
-        raise click.ClickException(str(e)) from None
+        from pipeline.cli import with_make_args
+
+        raise click.ClickException(with_make_args(str(e), manifest_path, overrides)) from None
 
 
 def write_stats(cache_path: str, runs: list, out: Path, progress: bool = False) -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.testing import CliRunner
 
 from pipeline.cli import COMMANDS, SUMMARIES, main
 
@@ -92,3 +93,18 @@ def test_the_readmes_fault_script_command_needs_no_work_directory(monkeypatch, t
     assert work.parent == tmp_path and work.name.startswith("fault-script-") and work.is_dir()
     assert kills == 20 and f"data.train={work}" in " ".join(overrides)
     assert f"scratch directory: {work}" in capsys.readouterr().err
+
+
+def test_suggested_make_commands_keep_the_users_manifest_and_overrides():
+    from pipeline.cli import with_make_args
+
+    message = "no teacher cache at x: run `make teacher-cache` first (or `make shardlist SHARDS=a`)"
+    assert with_make_args(message, "manifests/demo.yaml") == message  # the Makefile's default: nothing to add
+    assert with_make_args(message, "mine.yaml", ("cache.path=c", "cache.top_k=5")) == (
+        "no teacher cache at x: run `make teacher-cache MANIFEST=mine.yaml SET='cache.path=c cache.top_k=5'` first "
+        "(or `make shardlist SHARDS=a MANIFEST=mine.yaml SET='cache.path=c cache.top_k=5'`)")
+    already = "run `make teacher-cache MANIFEST=x.yaml`"
+    assert with_make_args(already, "mine.yaml") == already
+    result = CliRunner().invoke(main, ["stats", "--manifest", "manifests/tiny.yaml", "--set", "cache.path=/nowhere"])
+    assert result.exit_code == 1
+    assert "run `make teacher-cache MANIFEST=manifests/tiny.yaml SET=cache.path=/nowhere` first" in result.output
