@@ -190,3 +190,19 @@ def test_the_command_writes_the_figure_beside_the_exact_pngs(tiny_cache, tmp_pat
     assert f"wrote {figure_png}" in result.output
     with Image.open(figure_png) as image:
         assert image.format == "PNG" and image.size == (1500, 850)
+
+
+def test_an_unmixed_view_at_one_size_says_so_in_place_of_the_missing_panels(tiny_cache):
+    import dataclasses
+
+    from pipeline.inspect_view import figure, inspect
+
+    m = tiny_cache.manifest()
+    view = inspect(tiny_cache.open(), load_shardlist(m.data.train), EPOCH, SHARD, POS)
+    assert view.student_view is None  # the tiny student renders at the teacher's 16 px
+    unmixed = dataclasses.replace(view, partner_key=None, partner_label_id=None, partner_source=None,
+                                  partner_params=None, params=view.params | {"mix": None})
+    texts = [t.get_text() for ax in figure(unmixed, "c").axes for t in ax.texts]
+    assert "no mix partner\n(this view is not mixed)" in texts
+    assert "the student sees the view\nat the teacher's size" in texts
+    assert any(f"mix: no    label: {view.label!r}" in t for t in texts)
