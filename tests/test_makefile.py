@@ -72,9 +72,9 @@ def test_missing_data_names_the_fix_with_the_same_manifest(tmp_path):
 @pytest.mark.slow
 def test_train_student_on_a_fresh_cache_fills_it_first(tiny_cache, tmp_path):
     """Shards and teacher exist (the tiny fixture's); the cache and the run do not: one `make train-student`
-    fills the cache, then trains, and the cache it made equals the fixture's filled by the library directly."""
+    fills the cache, then trains, and the cache it made equals (epoch 0 of) the fixture's, filled by the library."""
     sets = [o for o in tiny_cache.manifest_overrides(run_dir=tmp_path / "run") if not o.startswith("cache.path")]
-    sets.append(f"cache.path={tmp_path / 'cache'}")
+    sets += [f"cache.path={tmp_path / 'cache'}", "cache.epochs=1"]  # one epoch of the fixture's two: quicker
     result = _make("train-student", "MANIFEST=manifests/tiny.yaml", f"SET={' '.join(sets)}",
                    "ARGS=--no-progress --set student.epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,7 +82,8 @@ def test_train_student_on_a_fresh_cache_fills_it_first(tiny_cache, tmp_path):
     assert f"teacher: {tiny_cache.checkpoint} exists" in result.stdout
     assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] > 0
     made, direct = zarr.open_group(str(tmp_path / "cache"), mode="r"), tiny_cache.open()
-    for name in ("digest", "view", "done"):  # the views are bit-identical
-        assert (made["train"][name][...] == direct["train"][name][...]).all(), name
+    assert made["train"]["done"][...].all()
+    for name in ("digest", "view"):  # the views are bit-identical
+        assert (made["train"][name][...] == direct["train"][name][:1]).all(), name
     for name in ("topk_logits", "lse"):  # the teacher's float sums may round differently with another thread count
-        np.testing.assert_allclose(made["train"][name][...], direct["train"][name][...], rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(made["train"][name][...], direct["train"][name][:1], rtol=2e-3, atol=1e-3)
