@@ -214,7 +214,7 @@ def _topk_bars(ax, view: InspectedView) -> None:
     ax.set_xlim(0, 1.08)
     for yi, p in zip(y, probs):
         ax.text(p + 0.01, yi, f"{p:.3f}", va="center", fontsize=7)
-    ax.set_xlabel("teacher probability exp(z - lse)")
+    ax.set_xlabel("teacher probability")
     legend = [Rectangle((0, 0), 1, 1, color=OWN, label="the sample's label")]
     if view.partner_label_id is not None:
         legend.append(Rectangle((0, 0), 1, 1, color=PARTNER, label="the partner's label"))
