@@ -1,9 +1,13 @@
-# Thin wrappers over the `distill` CLI. Every target installs the package into .venv first (once).
-# Variables: MANIFEST (run spec), ARGS (extra CLI options), plus the per-target ones listed in README.md.
+# Thin wrappers over the `distill` CLI. Every target installs the package into .venv first (once), and builds
+# what it needs first: shards -> teacher -> teacher-cache -> train-student / sweep / stats / inspect-view /
+# verify-cache. Each prerequisite step is the CLI's idempotent command (done work is skipped), so any target
+# works straight after clone. Variables: MANIFEST (run spec), SET (manifest overrides "key=value ...", for the
+# target and its prerequisites), ARGS (extra options of the target's command only), the per-target ones in README.md.
 
 PYTHON      ?= python3
 VENV        ?= .venv
 MANIFEST    ?= manifests/demo.yaml
+SET         ?=
 ARGS        ?=
 SRC         ?=
 OUT         ?=
@@ -20,9 +24,10 @@ SAMPLE      ?= 0.01
 
 DISTILL := $(VENV)/bin/distill
 STAMP   := $(VENV)/.installed
+SPEC    := --manifest $(MANIFEST) $(foreach s,$(SET),--set $(s))
 
 .PHONY: install test demo shards shardlist teacher teacher-cache train-student sweep stats \
-        inspect-view verify-cache bench real-smoke clean
+        inspect-view verify-cache bench real-smoke clean have-shards have-teacher have-cache
 
 install: $(STAMP)
 
@@ -35,34 +40,34 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
 demo: $(STAMP)
-	$(DISTILL) demo --manifest $(MANIFEST) $(ARGS)
+	$(DISTILL) demo $(SPEC) $(ARGS)
 
 shards: $(STAMP)
-	$(DISTILL) shards $(if $(SRC),--src $(SRC) --out $(OUT) --shard-size $(SHARD_SIZE),--manifest $(MANIFEST)) $(ARGS)
+	$(DISTILL) shards $(if $(SRC),--src $(SRC) --out $(OUT) --shard-size $(SHARD_SIZE),$(SPEC)) $(ARGS)
 
 shardlist: $(STAMP)
 	$(DISTILL) shardlist $(if $(OUT),--out $(OUT)) $(ARGS) $(SHARDS)
 
-teacher: $(STAMP)
-	$(DISTILL) teacher --manifest $(MANIFEST) $(ARGS)
+teacher: have-shards
+	$(DISTILL) teacher $(SPEC) $(ARGS)
 
-teacher-cache: $(STAMP)
-	$(DISTILL) teacher-cache --manifest $(MANIFEST) $(ARGS)
+teacher-cache: have-teacher
+	$(DISTILL) teacher-cache $(SPEC) $(ARGS)
 
-train-student: $(STAMP)
-	$(DISTILL) train-student --manifest $(MANIFEST) $(ARGS)
+train-student: have-cache
+	$(DISTILL) train-student $(SPEC) $(ARGS)
 
-sweep: $(STAMP)
-	$(DISTILL) sweep --manifest $(MANIFEST) --sweep $(SWEEP) --jobs $(JOBS) $(ARGS)
+sweep: have-cache
+	$(DISTILL) sweep $(SPEC) --sweep $(SWEEP) --jobs $(JOBS) $(ARGS)
 
-stats: $(STAMP)
-	$(DISTILL) stats $(if $(CACHE),--cache $(CACHE),--manifest $(MANIFEST)) $(foreach r,$(RUNS),--run $(r)) $(ARGS)
+stats: $(if $(CACHE),$(STAMP),have-cache)
+	$(DISTILL) stats $(if $(CACHE),--cache $(CACHE),$(SPEC)) $(foreach r,$(RUNS),--run $(r)) $(ARGS)
 
-inspect-view: $(STAMP)
-	$(DISTILL) inspect-view $(if $(CACHE),--cache $(CACHE),--manifest $(MANIFEST)) --epoch $(EPOCH) --shard $(SHARD) --pos $(POS) $(ARGS)
+inspect-view: $(if $(CACHE),have-shards,have-cache)
+	$(DISTILL) inspect-view $(if $(CACHE),--cache $(CACHE)) $(SPEC) --epoch $(EPOCH) --shard $(SHARD) --pos $(POS) $(ARGS)
 
-verify-cache: $(STAMP)
-	$(DISTILL) verify-cache $(if $(CACHE),--cache $(CACHE)) --manifest $(MANIFEST) --sample $(SAMPLE) $(ARGS)
+verify-cache: $(if $(CACHE),have-teacher,have-cache)
+	$(DISTILL) verify-cache $(if $(CACHE),--cache $(CACHE)) $(SPEC) --sample $(SAMPLE) $(ARGS)
 
 bench: $(STAMP)
 	$(DISTILL) bench $(ARGS)
@@ -72,3 +77,13 @@ real-smoke: $(STAMP)
 
 clean:
 	rm -rf data caches runs bench
+
+# Prerequisite steps (no ARGS: those belong to the target asked for). Each skips what is already there.
+have-shards: $(STAMP)
+	$(DISTILL) shards $(SPEC) --if-missing
+
+have-teacher: have-shards
+	$(DISTILL) teacher $(SPEC)
+
+have-cache: have-teacher
+	$(DISTILL) teacher-cache $(SPEC)

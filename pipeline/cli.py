@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
+import shlex
 
 import click
 
@@ -25,7 +27,26 @@ COMMANDS = {
 }
 
 
+# subcommand -> the one-line summary `distill --help` lists, so that listing imports no stage module (no torch)
+SUMMARIES = {
+    "shards": "Build WebDataset shards, a shard list and a class map.",
+    "shardlist": "Scan shards made by any tool into a shard list.",
+    "teacher": "Train the small demo teacher into teacher.checkpoint.",
+    "teacher-cache": "Stage 1: fill, resume or extend the teacher cache.",
+    "train-student": "Stage 2: train a distilled ViT from the cache.",
+    "sweep": "Train a grid of students against one read-only cache.",
+    "stats": "Teacher agreement statistics of a cache and its student runs.",
+    "inspect-view": "Replay one cached view: PNGs, a figure, its parameters and top-K.",
+    "verify-cache": "Recompute the teacher on a sample of cached views.",
+    "bench": "Speed ratios and storage cost; writes BENCHMARKS.md.",
+    "demo": "The whole pipeline on the embedded default, end to end.",
+    "real-smoke": "DeiT's ImageNet recipe end to end at real sizes on the CPU.",
+}
+
+
 class LazyGroup(click.Group):
+    """Imports a subcommand's stage module only when that subcommand runs or prints its own --help."""
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 
@@ -34,6 +55,12 @@ class LazyGroup(click.Group):
             return None
         module, attr = COMMANDS[name].split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, SUMMARIES.get(name) or self.get_command(ctx, name).get_short_help_str())
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,9 +88,26 @@ def manifest_options(fn):
         try:
             return fn(m=m, **kwargs)
         except user_errors() as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(with_make_args(str(e), manifest_path, overrides)) from None
+        except click.ClickException as e:
+            e.message = with_make_args(e.message, manifest_path, overrides)
+            raise
 
     return wrapper
+
+
+DEFAULT_MANIFEST = "manifests/demo.yaml"
+
+
+def with_make_args(message: str, manifest_path: str, overrides=()) -> str:
+    """Give each `make TARGET ...` the message suggests the MANIFEST= (and SET=) of this command, so the
+    suggested command works on the same run spec: the library raising the error does not know them."""
+    extra = [] if manifest_path == DEFAULT_MANIFEST else [f"MANIFEST={shlex.quote(str(manifest_path))}"]
+    extra += [f"SET={shlex.quote(' '.join(overrides))}"] if overrides else []
+    if not extra:
+        return message
+    return re.sub(r"`make ([a-z][a-z-]*)((?:(?!MANIFEST=)[^`])*)`", lambda g: f"`make {g[1]}{g[2]} {' '.join(extra)}`",
+                  message)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -76,3 +120,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from pipeline.train import NonFiniteLossError
 
     return CacheError, WriterLockError, ManifestError, ShardError, TeacherError, NonFiniteLossError
+
+
+if __name__ == "__main__":
+    main()

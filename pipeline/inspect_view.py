@@ -3,6 +3,9 @@
 The view is re-rendered with `views.render` from its stored parameters and its mix partner's (read from the
 same shard), under the view recipe stored in the cache itself, at the cache's teacher size; its digest is
 compared with the stored one, so the user knows whether the picture is the teacher's input bit for bit.
+`write_pngs` writes those exact pixels; `figure` draws what a person can read: the source images with their
+crop boxes, the erasing and cutmix boxes, the views enlarged without smoothing, the RandAugment ops and the
+teacher's top-K probabilities. Parameters are read through `views.describe`, never by field index.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 from pipeline import cache, views
@@ -26,6 +31,8 @@ class InspectedView:
     pos: int
     key: str
     label: str  # class name of the sample's own label
+    label_id: int
+    partner_label_id: int | None
     params: dict  # views.describe of the stored parameters
     partner_key: str | None  # the mix partner's key (None when the view is not mixed)
     teacher_view: np.ndarray  # uint8 [teacher size, teacher size, 3]
@@ -33,6 +40,10 @@ class InspectedView:
     stored_digest: int
     replayed_digest: int
     topk: list[tuple[int, str, float, float]]  # (class id, class name, logit, probability exp(z - lse))
+    source: np.ndarray | None = None  # uint8 [H, W, 3]: the sample's decoded image
+    partner_source: np.ndarray | None = None  # the mix partner's decoded image (None when not mixed)
+    partner_params: dict | None = None  # views.describe of the partner's own view parameters
+    num_classes: int = 0
 
     @property
     def digest_matches(self) -> bool:
@@ -92,13 +103,20 @@ def inspect(root, shardlist: ShardList, epoch: int, shard: int, pos: int,
     lse = float(slab["lse"][pos])
     topk = [(int(i), classes[int(i)], float(z), float(np.exp(np.float32(z) - np.float32(lse))))
             for i, z in zip(slab["topk_ids"][pos], slab["topk_logits"][pos])]
+    mixed = partner != pos
+
+    def rgb(image) -> np.ndarray:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
     return InspectedView(
         epoch=epoch, shard=shard, pos=pos, key=samples[pos].key, label=classes[samples[pos].label],
-        params=views.describe(params), partner_key=samples[partner].key if partner != pos else None,
+        label_id=int(samples[pos].label), partner_label_id=int(samples[partner].label) if mixed else None,
+        params=views.describe(params), partner_key=samples[partner].key if mixed else None,
         teacher_view=teacher_view,
         student_view=render(student_size) if student_size not in (None, teacher_size) else None,
         stored_digest=int(slab["digest"][pos]), replayed_digest=views.view_digest(teacher_view) or 1,
-        topk=topk)
+        topk=topk, source=rgb(samples[pos].image), partner_source=rgb(samples[partner].image) if mixed else None,
+        partner_params=views.describe(slab["view"][partner]) if mixed else None, num_classes=len(classes))
 
 
 def write_pngs(view: InspectedView, out_dir: str | Path) -> list[Path]:
@@ -114,3 +132,136 @@ def write_pngs(view: InspectedView, out_dir: str | Path) -> list[Path]:
         Image.fromarray(pixels).save(path)
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------------------------- the figure
+
+CROP, ERASE, CUTMIX, OWN, PARTNER, REST = "#ffd400", "#ff2d2d", "#00e5ff", "#2ca02c", "#ff7f0e", "#9a9a9a"
+
+
+def _box(ax, box: list[float], width: int, height: int, color: str, style: str = "-", label: str | None = None):
+    """Outline a [x0, y0, x1, y1] box given as fractions of an image of width x height pixels (pixel edges
+    sit at -0.5 in imshow's coordinates)."""
+    x0, y0, x1, y1 = box
+    ax.add_patch(Rectangle((x0 * width - 0.5, y0 * height - 0.5), (x1 - x0) * width, (y1 - y0) * height,
+                           fill=False, edgecolor=color, linewidth=2, linestyle=style, label=label))
+
+
+def _image(ax, pixels: np.ndarray, title: str) -> None:
+    ax.imshow(pixels, interpolation="nearest")  # enlarged pixel for pixel: no smoothing
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _view_panel(ax, pixels: np.ndarray, who: str, params: dict, partner_params: dict | None) -> None:
+    size = pixels.shape[0]
+    _image(ax, pixels, f"{who} view, {size}x{size} px (enlarged, no smoothing)")
+    if params["erase"]:
+        _box(ax, params["erase"]["box"], size, size, ERASE, "--", "erasing box")
+    if partner_params and partner_params["erase"]:
+        _box(ax, partner_params["erase"]["box"], size, size, PARTNER, "--", "the partner's erasing box")
+    mix = params["mix"]
+    if mix and mix["mode"] == "cutmix":
+        _box(ax, mix["box"], size, size, CUTMIX, ":", "cutmix box (partner's pixels)")
+    if ax.patches:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), fontsize=7, frameon=False)
+
+
+def _parameter_text(view: InspectedView) -> str:
+    p = view.params
+    crop = p["crop"]
+    h, w = view.source.shape[:2]
+    lines = [f"crop: box {_fmt(crop['box'])} of the {w}x{h} px source, {crop['interpolation']}",
+             f"flip: {'yes (after the crop)' if p['flip'] else 'no'}",
+             "RandAugment: " + ("none" if not p["randaugment"] else "")]
+    lines += [f"  {op['op']}  magnitude {op['magnitude']:.3g}{'  (negated)' if op['sign'] < 0 else ''}"
+              for op in p["randaugment"]]
+    erase = p["erase"]
+    lines.append(f"erasing: box {_fmt(erase['box'])} of the view, noise seed {erase['seed']}" if erase
+                 else "erasing: no")
+    mix = p["mix"]
+    if mix:
+        lines.append(f"mix: {mix['mode']} with position {mix['partner']} ({view.partner_key!r}), lam {mix['lam']:.4f}"
+                     + (f", box {_fmt(mix['box'])}" if mix["mode"] == "cutmix" else ""))
+        lines.append(f"label: {mix['lam']:.3f} x {view.label!r} + {1 - mix['lam']:.3f} x partner's")
+    else:
+        lines.append(f"mix: no    label: {view.label!r}")
+    lines.append("boxes: [x0, y0, x1, y1] as fractions")
+    match = "matches the stored digest" if view.digest_matches else "DIFFERS from the stored digest"
+    lines.append(f"replayed view {match}")
+    return "\n".join(lines)
+
+
+def _fmt(box: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
+
+
+def _topk_bars(ax, view: InspectedView) -> None:
+    ids = [class_id for class_id, *_ in view.topk]
+    names = [f"{name} ({class_id})" if name != str(class_id) else name for class_id, name, *_ in view.topk]
+    probs = [p for *_, p in view.topk]
+    others = view.num_classes - len(probs)
+    colors = [OWN if i == view.label_id else PARTNER if i == view.partner_label_id else "#4c72b0" for i in ids]
+    if others:  # the leftover mass, spread by the student's loss over the classes outside the top-K
+        names.append(f"other {others} classes")
+        probs.append(max(0.0, 1.0 - sum(probs)))
+        colors.append(REST)
+    y = np.arange(len(probs))
+    ax.barh(y, probs, color=colors)
+    ax.set_yticks(y, [n[:28] for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.08)
+    for yi, p in zip(y, probs):
+        ax.text(p + 0.01, yi, f"{p:.3f}", va="center", fontsize=7)
+    ax.set_xlabel("teacher probability")
+    legend = [Rectangle((0, 0), 1, 1, color=OWN, label="the sample's label")]
+    if view.partner_label_id is not None:
+        legend.append(Rectangle((0, 0), 1, 1, color=PARTNER, label="the partner's label"))
+    if others:
+        legend.append(Rectangle((0, 0), 1, 1, color=REST, label="mass outside the top-K"))
+    ax.legend(handles=legend, fontsize=7, loc="lower right")
+    ax.set_title(f"teacher's top-{len(view.topk)} of {view.num_classes} classes (cached)"
+                 + (" and the leftover mass" if others else ": every class"), fontsize=9)
+
+
+def figure(view: InspectedView, cache_name: str) -> Figure:
+    """The view explained on one page (see the module docstring)."""
+    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    grid = fig.add_gridspec(2, 4, height_ratios=[1, 0.9])
+    h, w = view.source.shape[:2]
+    ax = fig.add_subplot(grid[0, 0])
+    _image(ax, view.source, f"source {view.key!r} ({w}x{h} px) and its crop box")
+    _box(ax, view.params["crop"]["box"], w, h, CROP)
+    ax = fig.add_subplot(grid[0, 1])
+    if view.partner_source is not None:
+        ph, pw = view.partner_source.shape[:2]
+        _image(ax, view.partner_source, f"mix partner {view.partner_key!r} and its crop box")
+        _box(ax, view.partner_params["crop"]["box"], pw, ph, CROP)
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no mix partner\n(this view is not mixed)", ha="center", va="center", fontsize=10)
+    _view_panel(fig.add_subplot(grid[0, 2]), view.teacher_view, "teacher", view.params, view.partner_params)
+    ax = fig.add_subplot(grid[0, 3])
+    if view.student_view is not None:
+        _view_panel(ax, view.student_view, "student", view.params, view.partner_params)
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "the student sees the view\nat the teacher's size", ha="center", va="center", fontsize=10)
+    ax = fig.add_subplot(grid[1, :2])
+    ax.axis("off")
+    ax.text(0.0, 1.0, _parameter_text(view), va="top", ha="left", family="monospace", fontsize=9,
+            transform=ax.transAxes)
+    _topk_bars(fig.add_subplot(grid[1, 2:]), view)
+    fig.suptitle(f"cache {cache_name}: epoch {view.epoch}, shard {view.shard}, position {view.pos}, key {view.key!r}"
+                 f" (label {view.label!r})", fontsize=11)
+    return fig
+
+
+def write_figure(view: InspectedView, out_dir: str | Path, cache_name: str) -> Path:
+    """`figure` as `<out_dir>/view-e<epoch>-s<shard>-p<pos>-figure.png`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"view-e{view.epoch}-s{view.shard}-p{view.pos}-figure.png"
+    figure(view, cache_name).savefig(path, dpi=100)
+    return path

@@ -8,6 +8,10 @@ key to change. Overrides (`--set student.alpha=0.5`) go through the same checks.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,27 +217,16 @@ class Manifest:
     student: StudentCfg = field(default_factory=StudentCfg)
 
     def check(self) -> "Manifest":
-        """Cross-field checks; each names the key to change."""
+        """Range checks of every number (`RANGES`), then cross-field checks; each names the key to change."""
+        check_ranges(self)
+        for key in ("cache.path", "student.run_dir"):
+            dangling_symlink(key, field_value(self, key))
         s = self.student
         if s.img_size % s.patch_size:
             raise ManifestError(
                 f"student.img_size={s.img_size} is not divisible by student.patch_size={s.patch_size}: "
                 f"change one so the patches tile the image (e.g. img_size={s.img_size // s.patch_size * s.patch_size or s.patch_size})"
             )
-        for key, value in (("cache.top_k", self.cache.top_k), ("cache.epochs", self.cache.epochs),
-                           ("cache.batch_size", self.cache.batch_size), ("cache.shards_per_unit", self.cache.shards_per_unit),
-                           ("student.epochs", s.epochs), ("student.batch_size", s.batch_size), ("data.shard_size", self.data.shard_size),
-                           ("teacher.img_size", self.teacher.img_size), ("views.mix.window", self.views.mix.window),
-                           ("views.repeats", self.views.repeats), ("student.log.every", s.log.every)):
-            if value < 1:
-                raise ManifestError(f"{key}={value} must be at least 1")
-        for key, value in (("student.alpha", s.alpha), ("views.flip.prob", self.views.flip.prob),
-                           ("views.erasing.prob", self.views.erasing.prob), ("views.mix.prob", self.views.mix.prob),
-                           ("views.mix.switch_prob", self.views.mix.switch_prob), ("student.smoothing", s.smoothing)):
-            if not 0.0 <= value <= 1.0:
-                raise ManifestError(f"{key}={value} must lie in [0, 1]")
-        if s.tau <= 0:
-            raise ManifestError(f"student.tau={s.tau} must be positive")
         if self.teacher.pretrained and self.teacher.checkpoint:
             raise ManifestError("teacher.pretrained and teacher.checkpoint are both set: keep one")
         if self.views.repeats > 1 and self.cache.epochs % self.views.repeats:
@@ -250,7 +243,100 @@ class Manifest:
         return self
 
 
+# --------------------------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The valid values of a number: lo <= x <= hi, either end open; None where unbounded. Non-finite
+    floats (NaN, inf) are never valid."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"be {'>' if self.lo_open else '>='} {self.lo}"
+        return f"lie in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+COUNT, NONNEG, POSITIVE, SHARE = Range(1), Range(0), Range(0, lo_open=True), Range(0, 1)
+
+# Every int and float field of the manifest, by dotted key (a test keeps this complete). None is checked by
+# the type (`ema: float | None`), not here.
+RANGES: dict[str, Range] = {
+    "data.shard_size": COUNT,
+    "teacher.img_size": COUNT,
+    "teacher.train.epochs": COUNT, "teacher.train.batch_size": COUNT, "teacher.train.lr": POSITIVE,
+    "teacher.train.weight_decay": NONNEG, "teacher.train.seed": NONNEG,
+    "views.seed": NONNEG,
+    "views.crop.scale[0]": Range(0, 1, lo_open=True), "views.crop.scale[1]": Range(0, 1, lo_open=True),
+    "views.crop.ratio[0]": POSITIVE, "views.crop.ratio[1]": POSITIVE,
+    "views.flip.prob": SHARE, "views.erasing.prob": SHARE,
+    "views.mix.mixup_alpha": NONNEG, "views.mix.cutmix_alpha": NONNEG, "views.mix.prob": SHARE,
+    "views.mix.switch_prob": SHARE, "views.mix.window": COUNT, "views.repeats": COUNT,
+    "cache.epochs": COUNT, "cache.top_k": COUNT, "cache.batch_size": COUNT, "cache.workers": NONNEG,
+    "cache.shards_per_unit": COUNT,
+    "student.img_size": COUNT, "student.patch_size": COUNT, "student.alpha": SHARE, "student.tau": POSITIVE,
+    "student.epochs": COUNT, "student.batch_size": COUNT, "student.smoothing": Range(0, 1, hi_open=True),
+    "student.drop_path": Range(0, 1, hi_open=True), "student.ema": Range(0, 1, lo_open=True, hi_open=True),
+    "student.seed": NONNEG, "student.labelled_shards": NONNEG, "student.workers": NONNEG,
+    "student.shuffle_buffer": NONNEG,  # 0 or 1: no shuffling
+    "student.optim.lr": POSITIVE, "student.optim.lr_batch": COUNT, "student.optim.weight_decay": NONNEG,
+    "student.optim.clip_grad": POSITIVE,
+    "student.sched.warmup_epochs": NONNEG, "student.sched.warmup_lr": NONNEG, "student.sched.min_lr": NONNEG,
+    "student.ckpt_every": NONNEG,  # 0: a checkpoint at the end only
+    "student.eval_every": NONNEG,  # 0: evaluate after the last epoch only
+    "student.verify_sample": SHARE,
+    "student.data_seed": NONNEG, "student.log.every": COUNT,
+}
+
+
+def field_value(cfg: Any, key: str) -> Any:
+    """The value at a dotted key (`student.optim.lr`, `views.crop.scale[0]`)."""
+    for part in key.split("."):
+        name, _, index = part.partition("[")
+        cfg = getattr(cfg, name)
+        if index:
+            cfg = cfg[int(index.rstrip("]"))]
+    return cfg
+
+
+def check_ranges(m: "Manifest", under: str = "") -> None:
+    """Every number of `m` (or those under the dotted key `under`) lies in its `RANGES` range."""
+    for key, valid in RANGES.items():
+        if under and not (key == under or key.startswith((f"{under}.", f"{under}["))):
+            continue
+        value = field_value(m, key)
+        if value is not None and value not in valid:
+            default = field_value(Manifest(), key)
+            raise ManifestError(f"{key}={value!r} must {valid}"
+                                + (f": set it to a valid value (default {default!r})" if default is not None else ""))
+
+
+def dangling_symlink(key: str, path: str) -> None:
+    """A local path that is a symlink to nothing makes every later mkdir fail with a bare OSError: say so now."""
+    if "://" in path and not path.startswith("file://"):
+        return
+    local = Path(path.removeprefix("file://"))
+    if local.is_symlink() and not local.exists():
+        raise ManifestError(f"{key}={path} is a symlink to {os.readlink(local)}, which does not exist: create the "
+                            f"directory it points to, remove the link, or set {key} to another path")
+
+
 # --------------------------------------------------------------------------------------------- loading
+
+
+YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -300,6 +386,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ManifestError(f"{path}: expected true or false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and YAML12_FLOAT.fullmatch(value):  # PyYAML reads 1e-3 (no dot) as a string
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ManifestError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -319,8 +407,8 @@ def _build(cls: type, data: dict, path: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        where = f"{path}." if path else ""
-        raise ManifestError(f"unknown key {where}{unknown[0]}: valid keys here are {names}")
+        key = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ManifestError(f"unknown key {key}: valid keys here are {names}{did_you_mean(key)}")
     kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -330,6 +418,43 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the manifest schema (the keys of free-form mappings such as model_args excluded)."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls or Manifest).items():
+        key = f"{prefix}{name}"
+        keys += all_keys(tp, f"{key}.") if dataclasses.is_dataclass(tp) else [key]
+    return keys
+
+
+def did_you_mean(key: str, spelling: bool = True) -> str:
+    """`; did you mean student.optim.lr?` for `student.lr`: a key with the same last part (in the same
+    section first), else (with `spelling`) the closest spelling; empty when nothing is close."""
+    keys = all_keys()
+    leaf, section = key.rsplit(".", 1)[-1], key.split(".", 1)[0]
+    same_leaf = sorted((k for k in keys if k.rsplit(".", 1)[-1] == leaf), key=lambda k: k.split(".", 1)[0] != section)
+    close = same_leaf or (difflib.get_close_matches(key, keys, n=1, cutoff=0.6) if spelling else [])
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def check_override_key(text: str) -> None:
+    """The key of a `--set key.path=value` must exist in the schema (anything below a mapping field goes)."""
+    key = text.split("=", 1)[0].strip()
+    tp: Any = Manifest
+    for i, part in enumerate(key.split(".")):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            where = ".".join(key.split(".")[:i + 1])
+            parent = where.rsplit(".", 1)[0]
+            hint = did_you_mean(key, spelling=False) or did_you_mean(where)
+            raise ManifestError(f"--set {text}: unknown key {where}: "
+                                + (f"valid keys here are {list(hints)}" if hints else
+                                   f"{parent} is a value, not a section") + hint)
+        tp = hints[part]
+        if typing.get_origin(tp) is dict or tp is dict:
+            return
 
 
 def parse_override(text: str) -> dict:
@@ -376,10 +501,24 @@ def read_yaml_mapping(path: Path, error: type[Exception], what: str, keys: list[
 
 
 def load(path: str | Path, overrides: list[str] | tuple = ()) -> Manifest:
-    """Load a manifest file strictly, apply `key.path=value` overrides, run the cross-field checks."""
+    """Load a manifest file strictly, apply `key.path=value` overrides, run the range and cross-field checks.
+    An error names where the bad value came from: the file, or the `--set` that gave it."""
     path = Path(path)
     data = read_yaml_mapping(path, ManifestError, "manifest", [f.name for f in dataclasses.fields(Manifest)])
     try:
-        return from_dict(data, [parse_override(o) for o in overrides])
+        _build(Manifest, data, "")
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from None
+    parsed = []
+    for text in overrides:
+        check_override_key(text)
+        parsed.append(parse_override(text))
+        try:
+            check_ranges(_build(Manifest, _merge(data, parsed[-1]), ""), under=text.split("=", 1)[0].strip())
+        except ManifestError as e:
+            raise ManifestError(f"--set {text}: {e}") from None
+    try:
+        return from_dict(data, parsed)
+    except ManifestError as e:
+        where = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+        raise ManifestError(f"{where}: {e}") from None

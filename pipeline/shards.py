@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 from webdataset import TarWriter
 from webdataset.shardlists import expand_urls
 
@@ -158,13 +159,14 @@ def _folder_key(relative: str) -> str:
 
 
 def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0,
-                      classes: list[str] | None = None) -> Path:
+                      classes: list[str] | None = None, progress: bool = False) -> Path:
     """Shard a torchvision ImageFolder tree (src/<class>/<image>): one global shuffle drawn from `seed`,
     image bytes copied unchanged under their own (lower-cased) extension, `cls` = class id. Writes
     out/shard-NNNNNN.tar, out/shardlist.json and out/class_map.json; returns the shard list's path.
 
     Class ids are the sorted folder names' order, or, with `classes` (a class map, e.g. ImageNet's 1000
-    synsets for a tree holding some of them), each folder's index in that map."""
+    synsets for a tree holding some of them), each folder's index in that map. `progress`: a bar on a
+    terminal (none in logs)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     src, out = Path(src), Path(out)
@@ -208,7 +210,8 @@ def write_imagefolder(src: str | Path, out: str | Path, shard_size: int = 1000, 
             yield {"__key__": keys[i], "cls": str(label).encode(), Path(path).suffix.lower().lstrip("."): data}
 
     order = np.random.default_rng(seed).permutation(len(files))
-    path = _write_shards(out, "shard", samples(order), shard_size, classes)
+    bar = tqdm(samples(order), total=len(order), unit="image", desc="shards", disable=None if progress else True)
+    path = _write_shards(out, "shard", bar, shard_size, classes)
     _write_class_map(out / CLASS_MAP_NAME, classes)
     return path
 

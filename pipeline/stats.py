@@ -19,10 +19,12 @@ headline numbers in result.json (not the EMA weights).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline import cache, views
 from pipeline.losses import sparse_teacher_log_probs
@@ -102,7 +104,7 @@ def _units_line(done: np.ndarray) -> dict:
     return {"done": int(done.sum()), "total": int(done.size)}
 
 
-def train_statistics(root) -> dict:
+def train_statistics(root, bar: tqdm | None = None) -> dict:
     """Teacher top-1 against the dominant label, top-K mass and entropy, per cache epoch and overall, over
     the complete train units. Views need a digest (a view is there); the top-1 also needs the labels, which
     the epoch-0 unit of the view's shard group writes."""
@@ -126,6 +128,8 @@ def train_statistics(root) -> dict:
                 known = present & (labels[shard] >= 0)
                 correct += int((slab["topk_ids"][known, 0] == target[known]).sum())
                 labelled += int(known.sum())
+            if bar is not None:
+                bar.update()
         if not groups:
             continue
         mass, entropy = np.concatenate(mass), np.concatenate(entropy)
@@ -144,7 +148,7 @@ def train_statistics(root) -> dict:
             "mass": _mass_summary(mass), "entropy": distribution(entropy, 0.0, np.log(layout.num_classes))}
 
 
-def val_answers(root) -> dict[str, np.ndarray]:
+def val_answers(root, bar: tqdm | None = None) -> dict[str, np.ndarray]:
     """The teacher's val top-1 and the labels over [Sv, Pv], with `present` False where there is no sample
     or its unit is not complete; plus top-K mass and entropy of the present views."""
     layout = cache.layout_of(root, "val")
@@ -161,6 +165,8 @@ def val_answers(root) -> dict[str, np.ndarray]:
             mass.append(topk_mass(slab["topk_logits"][here], slab["lse"][here]))
             entropy.append(teacher_entropy(slab["topk_logits"][here], slab["topk_ids"][here], slab["lse"][here],
                                            layout.num_classes))
+        if bar is not None:
+            bar.update()
     labels = cache.read_labels(root, "val").astype(np.int64)
     present &= labels >= 0
     empty = np.zeros(0, np.float32)
@@ -270,7 +276,12 @@ def _predict_from_checkpoint(run_dir: Path, result: dict, root, cache_path: str,
         raise StatsError(f"{run_dir}: its data.val ({m.data.val}) lists other val shards than the cache "
                          f"{cache_path} was built from: run the statistics where the run's data paths resolve")
     student = create_student(m.student, len(root.attrs["classes"]))
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    try:  # weights_only: a pickle planted in a run directory is refused, never run
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise StatsError(f"{ckpt} holds more than tensors and plain data, so it was not loaded (no pickle from a "
+                         f"run directory is executed): {str(e).splitlines()[0]}. Retrain the run, or write its "
+                         f"{PREDICTIONS} with the code that trained it") from None
     student.model.load_state_dict(state["model"])
     student.model.eval()
     preds = {h: np.full(shape, -1, np.int64) for h in HEADS}
@@ -297,14 +308,17 @@ def disagreement(predictions: dict[str, np.ndarray]) -> dict:
 # --------------------------------------------------------------------------------------------- everything
 
 
-def compute(cache_path: str, runs: list[str | Path] = ()) -> dict:
-    """Every statistic of the cache at `cache_path` and of the given run directories."""
+def compute(cache_path: str, runs: list[str | Path] = (), progress: bool = False) -> dict:
+    """Every statistic of the cache at `cache_path` and of the given run directories. `progress`: a bar over
+    the complete units on a terminal (none in logs)."""
     root = cache.open_cache(cache_path)
     dirs = run_dirs(list(runs))
     classes = list(root.attrs["classes"])
     num_classes, top_k = len(classes), cache.layout_of(root, "train").top_k
-    train = train_statistics(root)
-    val = val_answers(root)
+    units = sum(int(cache.done_units(root, split).sum()) for split in cache.SPLITS)
+    with tqdm(total=units, unit="unit", desc="stats", disable=None if progress else True) as bar:
+        train = train_statistics(root, bar)
+        val = val_answers(root, bar)
     present, labels, teacher = val["present"], val["labels"], val["top1"]
     out = {
         "cache": {"path": cache_path, "fingerprint": root.attrs["fingerprint"],

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline import cache, views
 from pipeline.manifest import Manifest
@@ -262,8 +263,9 @@ def _incomplete(split: str, done: np.ndarray) -> list[str]:
 
 
 def verify_cache(m: Manifest, path: str, share: float = 0.01, seed: int = 0, thresholds: Thresholds = Thresholds(),
-                 scan: bool = True) -> Report:
-    """Verify the cache at `path` (built from the run spec `m`) on a random sample; see the module doc."""
+                 scan: bool = True, progress: bool = False) -> Report:
+    """Verify the cache at `path` (built from the run spec `m`) on a random sample; see the module doc.
+    `progress`: a bar per split on a terminal (none in logs)."""
     if not 0 < share <= 1:
         raise ValueError(f"--sample={share} must lie in (0, 1]: the share of cached views to recompute")
     root = cache.open_cache(path)
@@ -280,7 +282,9 @@ def verify_cache(m: Manifest, path: str, share: float = 0.01, seed: int = 0, thr
         done = cache.done_units(root, split)
         sr = report.splits[split] = SplitReport(split, int(done.sum()), int(done.size), _incomplete(split, done))
         labels = cache.read_labels(root, split, report.damaged)
-        for shard, positions in sample_positions(labels, share, seed, split).items():
+        sampled = sample_positions(labels, share, seed, split)
+        for shard, positions in tqdm(sampled.items(), total=len(sampled), unit="shard", desc=f"verify {split}",
+                                     disable=None if progress else True):
             group = shard // layout.shards_per_unit
             epochs = [None] if split == "val" else [int(e) for e in np.flatnonzero(done[:, group])]
             if not (done[group] if split == "val" else epochs):

@@ -9,12 +9,8 @@ from pathlib import Path
 
 import click
 
-from pipeline import cache
 from pipeline.cli import manifest_options
 from pipeline.manifest import from_dict, parse_override, to_dict
-from pipeline.shards import write_digits
-from pipeline.teacher_cache import run as fill_cache
-from pipeline.train import RESULT, train
 from stages.shards import digits_root
 from stages.stats import write_stats
 from stages.teacher import train_demo_teacher
@@ -34,6 +30,11 @@ def student_manifest(m, mode: str, out: Path):
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def demo(m, out, progress):
     """Run the whole pipeline on the embedded default and print how the students compare."""
+    from pipeline import cache
+    from pipeline.shards import write_digits
+    from pipeline.teacher_cache import run as fill_cache
+    from pipeline.train import RESULT, train
+
     out = Path(out)
     if not Path(m.data.train).exists():
         click.echo("[1/5] shards")

@@ -1,4 +1,4 @@
-"""`distill inspect-view`: the exact view the teacher saw, as PNG, with its parameters and top-K answer."""
+"""`distill inspect-view`: the exact view the teacher saw, as PNG and as a figure, with its parameters and top-K."""
 
 import json
 from pathlib import Path
@@ -19,13 +19,15 @@ from stages.stats import default_out
 @click.option("--student-size", type=int, default=None,
               help="Also render at this size [default: the manifest's student.img_size].")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Output directory [default: <cache>/stats].")
+              help="Output directory [default: <cache>-views, next to the cache].")
 def inspect_view(m, cache_path, epoch, shard, pos, student_size, out):
     """Replay one cached training view with the stored parameters, write it as PNG (teacher size, and the
-    student size if different), print the parameters and the teacher's top-K, and check its digest.
+    student size if different) and as a figure a person can read (source and partner with their crop boxes,
+    erasing and cutmix boxes, the views enlarged, the RandAugment ops, the teacher's top-K), print the
+    parameters and the teacher's top-K, and check its digest.
     The shards come from the manifest's data.train; the view recipe from the cache itself."""
     from pipeline import cache
-    from pipeline.inspect_view import inspect, write_pngs
+    from pipeline.inspect_view import inspect, write_figure, write_pngs
     from pipeline.shards import data_shardlist
 
     cache_path = cache_path or m.cache.path
@@ -34,7 +36,8 @@ def inspect_view(m, cache_path, epoch, shard, pos, student_size, out):
         view = inspect(root, data_shardlist(m, "train"), epoch, shard, pos, student_size or m.student.img_size)
     except (cache.CacheError, IndexError) as e:
         raise click.ClickException(str(e)) from None
-    paths = write_pngs(view, Path(out) if out else default_out(cache_path))
+    out = Path(out) if out else default_out(cache_path, "views")
+    paths = write_pngs(view, out) + [write_figure(view, out, cache_path)]
     partner = f", mixed with {view.partner_key!r}" if view.partner_key else ""
     click.echo(f"view of cache epoch {epoch}, shard {shard}, position {pos}: sample {view.key!r} "
                f"(label {view.label}{partner})")

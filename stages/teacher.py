@@ -5,15 +5,20 @@ from pathlib import Path
 import click
 
 from pipeline.cli import manifest_options
-from pipeline.teacher import decode_split, train_teacher
 
 
 def train_demo_teacher(m, force: bool = False) -> str:
-    """Train teacher.model on the train shards into teacher.checkpoint unless it exists; returns a report line."""
+    """Train teacher.model on the train shards into teacher.checkpoint unless it exists (or the teacher is timm's
+    pretrained one); returns a report line."""
+    if m.teacher.pretrained:
+        return f"teacher: timm's pretrained weights of {m.teacher.model}, nothing to train"
     if not m.teacher.checkpoint:
-        raise click.UsageError("teacher.checkpoint is not set: name the file `make teacher` should write")
+        raise click.UsageError("teacher.checkpoint is not set: name the file `make teacher` should write "
+                               "(or set teacher.pretrained=true for timm's weights)")
     if Path(m.teacher.checkpoint).exists() and not force:
         return f"teacher: {m.teacher.checkpoint} exists (pass ARGS=--force to retrain)"
+    from pipeline.teacher import decode_split, train_teacher
+
     size = m.teacher.img_size
     x, y, classes = decode_split(m.data.train, size)
     vx, vy, _ = decode_split(m.data.val, size)

@@ -2,10 +2,7 @@
 
 import click
 
-from pipeline import cache
 from pipeline.cli import manifest_options
-from pipeline.distributed import world
-from pipeline.teacher_cache import run
 
 
 @click.command("teacher-cache")
@@ -15,6 +12,10 @@ from pipeline.teacher_cache import run
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def teacher_cache(m, rank, world_size, progress):
     """Fill (or resume, or extend by more epochs) the teacher cache named by cache.path."""
+    from pipeline import cache
+    from pipeline.distributed import world
+    from pipeline.teacher_cache import run
+
     with world(rank, world_size) as w:
         summary = run(m, w.rank, w.size, w.barrier, progress=progress)
         if w.barrier:

@@ -3,9 +3,6 @@
 import click
 
 from pipeline.cli import manifest_options
-from pipeline.distributed import world
-from pipeline.run_log import console_logging
-from pipeline.train import train
 
 
 @click.command("train-student")
@@ -14,6 +11,10 @@ from pipeline.train import train
 def train_student(m, progress):
     """Train student.model from cache.path; under torchrun every rank trains on its own shards (DDP). Logs to
     the console and <run_dir>/train.log; a re-run resumes from <run_dir>/last.pth."""
+    from pipeline.distributed import world
+    from pipeline.run_log import console_logging
+    from pipeline.train import train
+
     console_logging()
     with world() as w:
         result = train(m, w, progress=progress)

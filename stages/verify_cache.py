@@ -6,9 +6,16 @@ from pathlib import Path
 import click
 
 from pipeline.cli import manifest_options
-from pipeline import verify
 
-DEFAULTS = verify.Thresholds()
+
+def default(name: str):
+    """The option's default from `verify.Thresholds`, looked up when the command runs (pipeline.verify imports
+    torch, which `--help` must not wait for)."""
+    def value():
+        from pipeline.verify import Thresholds
+
+        return getattr(Thresholds(), name)
+    return value
 
 
 @click.command("verify-cache")
@@ -17,22 +24,23 @@ DEFAULTS = verify.Thresholds()
 @click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,
               help="Share of each shard's cached views to recompute (at least one view per complete unit).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
-@click.option("--max-digest-mismatches", type=click.IntRange(0), default=DEFAULTS.max_digest_mismatches,
-              show_default=True, help="Re-rendered views allowed to differ from the views the teacher saw.")
-@click.option("--max-top1-disagreement", type=click.FloatRange(0, 1), default=DEFAULTS.max_top1_disagreement,
-              show_default=True, help="Share of views whose recomputed top-1 may beat the cached one by more "
+@click.option("--max-digest-mismatches", type=click.IntRange(0), default=default("max_digest_mismatches"),
+              show_default="0", help="Re-rendered views allowed to differ from the views the teacher saw.")
+@click.option("--max-top1-disagreement", type=click.FloatRange(0, 1), default=default("max_top1_disagreement"),
+              show_default="0.01", help="Share of views whose recomputed top-1 may beat the cached one by more "
                                       "than the logit tolerance.")
-@click.option("--logit-atol", type=click.FloatRange(0), default=DEFAULTS.logit_atol, show_default=True,
+@click.option("--logit-atol", type=click.FloatRange(0), default=default("logit_atol"), show_default="0.001",
               help="Absolute logit tolerance on top of float16 rounding (also for the logsumexp).")
-@click.option("--logit-rtol", type=click.FloatRange(0), default=DEFAULTS.logit_rtol, show_default=True,
+@click.option("--logit-rtol", type=click.FloatRange(0), default=default("logit_rtol"), show_default="0.03",
               help="Logit tolerance relative to the view's largest |logit|: covers a cache filled under CUDA "
                    "bfloat16 autocast and checked on CPU (or another GPU, batch size, thread count).")
 @click.option("--scan/--no-scan", default=True, show_default=True,
               help="First check every chunk of every complete unit: present, checksum intact.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on a terminal.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full report (every failing view) as JSON here.")
 def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_disagreement, logit_atol,
-                         logit_rtol, scan, json_path):
+                         logit_rtol, scan, progress, json_path):
     """Recompute the teacher on a random sample of the cache's complete units (train and val) and check
     digests, top-K agreement, logit and logsumexp errors; exit 1 past the thresholds. Units not complete
     yet are listed, not failed."""
@@ -40,10 +48,11 @@ def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_di
     from pipeline.manifest import ManifestError
     from pipeline.reader import ShardError
     from pipeline.teacher import TeacherError
+    from pipeline import verify
 
     thresholds = verify.Thresholds(max_digest_mismatches, max_top1_disagreement, logit_atol, logit_rtol)
     try:
-        report = verify.verify_cache(m, cache_path or m.cache.path, sample, seed, thresholds, scan)
+        report = verify.verify_cache(m, cache_path or m.cache.path, sample, seed, thresholds, scan, progress)
     except (CacheError, ManifestError, ShardError, TeacherError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(verify.format_report(report))

@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -326,7 +327,8 @@ def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=5, help="SIGKILL points (default 5; up to 20)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, required=True, help="scratch directory (caches, tiny shards)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch directory (caches, tiny shards); default: a new temporary directory, kept")
     parser.add_argument("--manifest", default=None, help="run spec; default: manifests/tiny.yaml on tiny shards")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--launcher", choices=("fork", "exec"), default="fork")
@@ -334,6 +336,9 @@ def main(args: list[str] | None = None) -> int:
     opts = parser.parse_args(args)
     if not 1 <= opts.kills <= 20:
         parser.error("--kills must lie in 1..20")
+    if opts.work is None:
+        opts.work = Path(tempfile.mkdtemp(prefix="fault-script-"))
+        print(f"scratch directory: {opts.work}", file=sys.stderr)
     overrides = opts.overrides if opts.manifest else tiny_overrides(opts.work) + opts.overrides
     report = run_faults(opts.manifest or TINY_MANIFEST, overrides, opts.work, opts.kills, opts.seed, opts.launcher,
                         opts.threads or None)

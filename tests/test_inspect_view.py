@@ -100,5 +100,109 @@ def test_other_shards_and_incomplete_units_are_refused(tiny_cache, tmp_path):
     zarr.open_group(str(copy), mode="r+")["train"]["done"][1, 2] = 0
     result = _invoke(tiny_cache, "--epoch", 1, "--shard", 2, "--pos", 0, "--out", tmp_path, cache_path=copy)
     assert result.exit_code == 1
-    assert ("train unit (epoch 1, shard group 2, shards [2]) is not complete: resume `make teacher-cache`"
-            in result.output)
+    assert ("train unit (epoch 1, shard group 2, shards [2]) is not complete: resume `make teacher-cache "
+            "MANIFEST=manifests/tiny.yaml SET='data.train=" in result.output)  # the user's manifest and overrides
+
+
+def test_outputs_go_next_to_the_cache_and_leave_its_size_alone(tiny_cache, tmp_path):
+    from pipeline import cache
+
+    copy = tmp_path / "cache"
+    shutil.copytree(tiny_cache.cache_path, copy)
+
+    def files():
+        return {str(p.relative_to(copy)): p.stat().st_size for p in copy.rglob("*") if p.is_file()}
+
+    before, size = files(), cache.disk_usage(str(copy))
+    result = _invoke(tiny_cache, "--epoch", EPOCH, "--shard", SHARD, "--pos", POS, cache_path=copy)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache-views" / f"view-e{EPOCH}-s{SHARD}-p{POS}-teacher-16px.png").is_file()
+    assert files() == before and cache.disk_usage(str(copy)) == size
+
+
+def _first_position(raw, epoch, shard, want):
+    for pos, params in enumerate(raw["train"]["view"][epoch, shard]):
+        if raw["train"]["digest"][epoch, shard, pos] and want(views.describe(params)):
+            return pos
+    raise AssertionError("the tiny cache has no such view")
+
+
+def test_the_figure_shows_boxes_views_ops_and_the_top_k_read_independently(tiny_cache, tmp_path):
+    """Every element of the figure, checked against the raw Zarr arrays decoded here."""
+    from matplotlib.patches import Rectangle
+
+    from pipeline.inspect_view import figure, inspect
+
+    raw = zarr.open_group(str(tiny_cache.cache_path), mode="r")
+    pos = _first_position(raw, 0, 0, lambda d: d["mix"] and d["mix"]["mode"] == "cutmix" and d["erase"])
+    m = tiny_cache.manifest()
+    view = inspect(tiny_cache.open(), load_shardlist(m.data.train), 0, 0, pos, student_size=8)
+    fig = figure(view, "caches/tiny")
+    params = raw["train"]["view"][0, 0]
+    d = views.describe(params[pos])
+    partner = d["mix"]["partner"]
+    samples = {s.pos: s for s in read_shard(load_shardlist(m.data.train), 0)}
+    source, partner_source = samples[pos].image.convert("RGB"), samples[partner].image.convert("RGB")
+
+    suptitle = fig.get_suptitle()
+    assert all(f in suptitle for f in ("caches/tiny", "epoch 0", "shard 0", f"position {pos}", samples[pos].key))
+    source_ax, partner_ax, teacher_ax, student_ax, text_ax, bars_ax = fig.axes
+
+    def boxes(ax):
+        return [(r.get_x(), r.get_y(), r.get_width(), r.get_height(), r.get_edgecolor()[:3])
+                for r in ax.patches if isinstance(r, Rectangle)]
+
+    def expected_box(box, w, h):
+        return pytest.approx((box[0] * w - 0.5, box[1] * h - 0.5, (box[2] - box[0]) * w, (box[3] - box[1]) * h))
+
+    w, h = source.size
+    np.testing.assert_array_equal(source_ax.images[0].get_array(), np.asarray(source))
+    assert [b[:4] for b in boxes(source_ax)] == [expected_box(d["crop"]["box"], w, h)]
+    pd = views.describe(params[partner])
+    np.testing.assert_array_equal(partner_ax.images[0].get_array(), np.asarray(partner_source))
+    assert [b[:4] for b in boxes(partner_ax)] == [expected_box(pd["crop"]["box"], *partner_source.size)]
+    for ax, size in ((teacher_ax, 16), (student_ax, 8)):
+        image = ax.images[0]
+        assert image.get_interpolation() == "nearest"
+        assert image.get_array().shape[:2] == (size, size)
+        drawn = [b[:4] for b in boxes(ax)]
+        assert expected_box(d["erase"]["box"], size, size) in drawn
+        assert expected_box(d["mix"]["box"], size, size) in drawn
+    np.testing.assert_array_equal(teacher_ax.images[0].get_array(), view.teacher_view)
+
+    text = text_ax.texts[0].get_text()
+    for op in d["randaugment"]:
+        assert f"{op['op']}  magnitude {op['magnitude']:.3g}" in text
+    assert f"lam {d['mix']['lam']:.4f}" in text and samples[partner].key in text
+
+    probs = [p for *_, p in view.topk]  # checked against the raw arrays in the first test of this file
+    widths = [bar.get_width() for bar in bars_ax.patches if isinstance(bar, Rectangle) and bar.get_height() > 0.5]
+    np.testing.assert_allclose(widths[:len(probs)], probs, rtol=1e-6)
+    assert sum(widths) == pytest.approx(1.0, abs=1e-3)  # with the leftover bar (K < C) or without it (K = C)
+    ids = raw["train"]["topk_ids"][0, 0, pos]
+    assert [t.get_text() for t in bars_ax.get_yticklabels()][:len(ids)] == [str(i) for i in ids]
+
+
+def test_the_command_writes_the_figure_beside_the_exact_pngs(tiny_cache, tmp_path):
+    result = _invoke(tiny_cache, "--epoch", EPOCH, "--shard", SHARD, "--pos", POS, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    figure_png = tmp_path / f"view-e{EPOCH}-s{SHARD}-p{POS}-figure.png"
+    assert f"wrote {figure_png}" in result.output
+    with Image.open(figure_png) as image:
+        assert image.format == "PNG" and image.size == (1500, 850)
+
+
+def test_an_unmixed_view_at_one_size_says_so_in_place_of_the_missing_panels(tiny_cache):
+    import dataclasses
+
+    from pipeline.inspect_view import figure, inspect
+
+    m = tiny_cache.manifest()
+    view = inspect(tiny_cache.open(), load_shardlist(m.data.train), EPOCH, SHARD, POS)
+    assert view.student_view is None  # the tiny student renders at the teacher's 16 px
+    unmixed = dataclasses.replace(view, partner_key=None, partner_label_id=None, partner_source=None,
+                                  partner_params=None, params=view.params | {"mix": None})
+    texts = [t.get_text() for ax in figure(unmixed, "c").axes for t in ax.texts]
+    assert "no mix partner\n(this view is not mixed)" in texts
+    assert "the student sees the view\nat the teacher's size" in texts
+    assert any(f"mix: no    label: {view.label!r}" in t for t in texts)

@@ -94,3 +94,112 @@ def test_missing_teacher_checkpoint_names_the_field_and_how_to_get_one(tiny, tmp
     assert f"Error: teacher.checkpoint={missing} does not exist" in result.output
     assert "Traceback" not in result.output
     assert not os.path.exists(tmp_path / "cache")
+
+
+# --------------------------------------------------------------------------------------------- where, and ranges
+
+
+def test_an_unknown_key_from_set_is_blamed_on_set_with_the_nearest_key(tmp_path):
+    with pytest.raises(ManifestError) as e:
+        load(TINY, ["student.alpha=0.5", "student.lr=1e-3"])
+    assert str(e.value).startswith("--set student.lr=1e-3: unknown key student.lr: valid keys here are [")
+    assert str(e.value).endswith("; did you mean student.optim.lr?") and TINY not in str(e.value)
+    with pytest.raises(ManifestError, match=r"^--set studnet.alpha=0.5: unknown key studnet: .*did you mean "
+                                            r"student.alpha\?$"):
+        load(TINY, ["studnet.alpha=0.5"])
+    with pytest.raises(ManifestError, match=r"^--set student.optim.lr.max=1: unknown key student.optim.lr.max: "
+                                            r"student.optim.lr is a value, not a section; did you mean student.optim.lr\?$"):
+        load(TINY, ["student.optim.lr.max=1"])
+    with pytest.raises(ManifestError, match=r"^--set cache.top_k=2.5: cache.top_k: expected an integer, got 2.5$"):
+        load(TINY, ["cache.top_k=2.5"])
+    assert load(TINY, ["student.model_args.qkv_bias=false"]).student.model_args["qkv_bias"] is False  # free-form
+    path = _manifest_file(tmp_path, lambda d: d["student"].update(lr=0.1))
+    with pytest.raises(ManifestError, match=rf"^{re.escape(str(path))}: unknown key student.lr: valid keys here are "
+                                            r"\[.*\]; did you mean student.optim.lr\?$"):
+        load(path)
+    path = _manifest_file(tmp_path, lambda d: d["cache"].update(top_kk=5))
+    with pytest.raises(ManifestError, match=r"unknown key cache.top_kk: .*; did you mean cache.top_k\?$"):
+        load(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.optim.lr=0", "student.optim.lr=0.0 must be > 0: set it to a valid value (default 0.0005)"),
+    ("student.optim.lr=-1e-3", "student.optim.lr=-0.001 must be > 0"),
+    ("student.optim.lr=.nan", "student.optim.lr=nan must be > 0"),
+    ("student.tau=.inf", "student.tau=inf must be > 0"),
+    ("student.patch_size=0", "student.patch_size=0 must be >= 1: set it to a valid value (default 16)"),
+    ("cache.workers=-1", "cache.workers=-1 must be >= 0"),
+    ("student.workers=-2", "student.workers=-2 must be >= 0"),
+    ("student.verify_sample=1.5", "student.verify_sample=1.5 must lie in [0, 1]"),
+    ("student.ckpt_every=-1", "student.ckpt_every=-1 must be >= 0"),
+    ("student.eval_every=-1", "student.eval_every=-1 must be >= 0"),
+    ("student.ema=1.0", "student.ema=1.0 must lie in (0, 1)"),
+    ("views.crop.scale=[0, 1]", "views.crop.scale[0]=0.0 must lie in (0, 1]: set it to a valid value (default 0.08)"),
+    ("cache.top_k=0", "cache.top_k=0 must be >= 1"),
+    ("student.smoothing=1", "student.smoothing=1.0 must lie in [0, 1)"),
+])
+def test_a_number_out_of_range_names_the_key_the_range_and_the_set_that_gave_it(override, message):
+    with pytest.raises(ManifestError) as e:
+        load(TINY, [override])
+    assert str(e.value).startswith(f"--set {override}: {message}")
+    assert ": set it to a valid value (default " in str(e.value) or "ema" in override  # ema's default is None
+
+
+def test_a_number_out_of_range_in_the_file_is_blamed_on_the_file(tmp_path):
+    path = _manifest_file(tmp_path, lambda d: d["student"].update(patch_size=0))
+    with pytest.raises(ManifestError, match=rf"^{re.escape(str(path))}: student.patch_size=0 must be >= 1"):
+        load(path)
+    assert load(path, ["student.patch_size=4"]).student.patch_size == 4  # an override may repair the file
+    result = CliRunner().invoke(main, ["train-student", "--manifest", str(path)])
+    assert result.exit_code == 2 and "student.patch_size=0 must be >= 1" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_every_number_of_the_manifest_has_a_range():
+    from pipeline.manifest import RANGES, Manifest, all_keys, field_value
+
+    m = Manifest()
+    numbers = set()
+    for key in all_keys():
+        value = field_value(m, key)
+        hint = typing_hint(key)
+        if isinstance(value, tuple):
+            numbers |= {f"{key}[{i}]" for i, v in enumerate(value) if isinstance(v, (int, float))}
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or hint in ("float | None",
+                                                                                                "int | None"):
+            numbers.add(key)
+    assert numbers == set(RANGES)
+    for key, valid in RANGES.items():  # the defaults are valid
+        assert field_value(m, key) is None or field_value(m, key) in valid, key
+
+
+def typing_hint(key: str) -> str:
+    import dataclasses
+    import typing
+
+    from pipeline.manifest import Manifest
+
+    tp = Manifest
+    for part in key.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return str(tp) if not dataclasses.is_dataclass(tp) else ""
+
+
+def test_a_dangling_symlink_as_cache_path_is_named(tmp_path):
+    link = tmp_path / "cache"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(ManifestError, match=rf"with --set cache.path={re.escape(str(link))}: cache.path={re.escape(str(link))} "
+                                            rf"is a symlink to {re.escape(str(tmp_path / 'gone'))}, which does not "
+                                            r"exist: create the directory it points to"):
+        load(TINY, [f"cache.path={link}"])
+    (tmp_path / "gone").mkdir()
+    assert load(TINY, [f"cache.path={link}"]).cache.path == str(link)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.2 floats; PyYAML (YAML 1.1) would read `1e-3` as a string."""
+    assert load(TINY, ["student.optim.lr=1e-3"]).student.optim.lr == 1e-3
+    path = _manifest_file(tmp_path, lambda d: d["student"]["optim"].update(lr="5E-4"))
+    assert load(path).student.optim.lr == 5e-4
+    with pytest.raises(ManifestError, match="expected a number, got '1e'"):
+        load(TINY, ["student.optim.lr=1e"])

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -400,3 +401,18 @@ def _jpeg(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((8, 8, 3), seed * 20, np.uint8)).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal, progress, shown", [(True, True, True), (True, False, False), (False, True, False)])
+def test_sharding_shows_a_bar_on_a_terminal_only(tmp_path, monkeypatch, terminal, progress, shown):
+    make_tree(tmp_path / "src")
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    write_imagefolder(tmp_path / "src", tmp_path / "out", 3, progress=progress)
+    assert ("shards: 100%" in err.getvalue() and "10/10" in err.getvalue()) is shown
+    assert shown or err.getvalue() == ""

@@ -5,9 +5,12 @@ sample, a padded shard, mixed views), recomputed here in plain numpy from the ar
 directly. A student run is checked on the shared tiny cache: its per-sample predictions, evaluated here from
 its checkpoint, must give the accuracies that training wrote to result.json."""
 
+import io
 import json
 import math
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +326,56 @@ def test_incomplete_val_is_left_out(synthetic_cache, tmp_path):
     assert got["cache"]["units"]["val"] == {"done": 0, "total": 1}
     assert got["val"]["samples"] == 0 and got["val"]["teacher_top1"] is None
     assert "val 0/1" in format_table(got)
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def test_outputs_go_next_to_the_cache_and_leave_its_size_alone(synthetic_cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(synthetic_cache, copy)
+    before, size = _files(copy), cache.disk_usage(str(copy))
+    result = CliRunner().invoke(stats_command, ["--cache", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache-stats" / "stats.json").is_file() and (tmp_path / "cache-stats" / "mass.png").is_file()
+    assert f"in {tmp_path / 'cache-stats'}" in result.output
+    assert _files(copy) == before and cache.disk_usage(str(copy)) == size
+
+
+class _Planted:
+    """Unpickling this touches a marker file: what an attacker's checkpoint would do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_pickle_planted_as_a_checkpoint_is_not_executed(tiny_cache, tmp_path):
+    from pipeline.manifest import to_dict
+
+    run = tmp_path / "run"
+    run.mkdir()
+    m = tiny_cache.manifest(run_dir=run)
+    (run / "result.json").write_text(json.dumps({"cache_fingerprint": tiny_cache.open().attrs["fingerprint"],
+                                                 "config": to_dict(m)}))
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Planted(marker)}, run / "checkpoint.pt")
+    with pytest.raises(StatsError, match=r"checkpoint.pt holds more than tensors and plain data, so it was not loaded"):
+        compute(str(tiny_cache.cache_path), [run])
+    assert not marker.exists()
+    torch.load(run / "checkpoint.pt", weights_only=False)  # the plant is real: a plain load runs it
+    assert marker.exists()
+
+
+def test_a_bar_over_the_complete_units_on_a_terminal_only(synthetic_cache, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, progress, shown in ((Terminal(), True, True), (Terminal(), False, False), (io.StringIO(), True, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        compute(synthetic_cache, progress=progress)
+        assert ("stats: 100%" in stream.getvalue() and "6/6" in stream.getvalue()) is shown  # 5 train + 1 val units
