@@ -32,7 +32,7 @@ class InspectedView:
     student_view: np.ndarray | None  # the same view at the student's size, when that differs
     stored_digest: int
     replayed_digest: int
-    topk: list[tuple[int, str, float, float]]  # (class id, class name, logit, probability exp(z - lse))
+    topk: list[tuple[int, str, float, float]]  # (class id, class name, log-probability, probability)
 
     @property
     def digest_matches(self) -> bool:
@@ -89,9 +89,8 @@ def inspect(root, shardlist: ShardList, epoch: int, shard: int, pos: int,
     teacher_size = int(root.attrs["teacher_size"])
     teacher_view = render(teacher_size)
     classes = root.attrs["classes"]
-    lse = float(slab["lse"][pos])
-    topk = [(int(i), classes[int(i)], float(z), float(np.exp(np.float32(z) - np.float32(lse))))
-            for i, z in zip(slab["topk_ids"][pos], slab["topk_logits"][pos])]
+    topk = [(int(i), classes[int(i)], float(lp), float(np.exp(np.float32(lp))))
+            for i, lp in zip(slab["topk_ids"][pos], slab["topk_logprobs"][pos])]
     return InspectedView(
         epoch=epoch, shard=shard, pos=pos, key=samples[pos].key, label=classes[samples[pos].label],
         params=views.describe(params), partner_key=samples[partner].key if partner != pos else None,

@@ -1,20 +1,23 @@
 """Stage-2 losses: the mixed ground truth, soft targets rebuilt from the sparse cache, and DeiT's loss.
 
-The cache holds, per view, the teacher's top-K raw logits (float16, sorted descending), their class ids and
-the logsumexp of the full logit vector (float32). `sparse_teacher_log_probs` turns that back into a full
-distribution; `deit_loss` follows facebookresearch/deit `losses.py` (`DistillationLoss`) with the teacher's
-forward pass replaced by that reconstruction, so a cache with K equal to the class count gives DeiT's loss
-on the stored logits.
+The cache holds, per view, the teacher's top-K log-probabilities (float16, sorted descending), their class
+ids and the log of the probability mass outside the top-K (`log_leftover`). `sparse_teacher_log_probs` turns
+that back into a full distribution; `deit_loss` follows facebookresearch/deit `losses.py`
+(`DistillationLoss`) with the teacher's forward pass replaced by that reconstruction, so a cache with K equal
+to the class count gives DeiT's loss on the stored log-probabilities.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from timm.data.mixup import one_hot
 from timm.loss import SoftTargetCrossEntropy
+
+from pipeline.cache import LEFTOVER_NONE, LEFTOVER_SCALE
 
 soft_target_cross_entropy = SoftTargetCrossEntropy()
 
@@ -40,50 +43,63 @@ def mixed_target(
 
 
 def sparse_teacher_log_probs(
-    topk_logits: torch.Tensor,
+    topk_logprobs: torch.Tensor,
     topk_ids: torch.Tensor,
-    lse: torch.Tensor,
+    log_leftover: torch.Tensor,
     num_classes: int,
     tau: float = 1.0,
 ) -> torch.Tensor:
-    """The teacher's [B, C] log-probabilities at temperature `tau`, rebuilt from its cached top-K logits.
+    """The teacher's [B, C] log-probabilities at temperature `tau`, rebuilt from its cached top-K.
 
-    Each of the C-K classes outside the top-K gets the uniform-equivalent logit
-    `z_u = lse + log(m / (C - K))`, where `m = 1 - sum_i exp(z_i - lse)` is the leftover probability mass;
-    the result is `log_softmax(completed / tau)`. At tau = 1 this is exactly the top-K probabilities
-    `exp(z_i - lse)` plus the leftover spread uniformly; with K = C it is exactly the softmax of the stored
-    logits at any tau (the logsumexp is then not needed).
+    Each of the C-K classes outside the top-K gets the uniform-equivalent log-probability
+    `log_leftover - log(C - K)` (the leftover mass m spread evenly); the top-K keep theirs; the result is
+    `log_softmax(completed / tau)`. At tau = 1 this is the top-K probabilities plus the leftover spread
+    uniformly (renormalised, which absorbs the float16 rounding); with K = C it is exactly the softmax of the
+    stored log-probabilities at any tau (the leftover is then not used). Since log-probabilities are logits
+    shifted by a constant per view, dividing them by tau is the teacher's softmax at tau.
 
-    float16 rounding can push the top-K mass slightly above 1: the leftover is clamped at 0, the missing
-    classes get probability 0 (a finite, very negative log-probability, so KL stays finite) and the
-    softmax renormalises the top-K. Computed in float32 whatever the input dtypes (ids may be uint16).
+    A leftover of -inf (nothing outside the top-K) gives the missing classes probability 0 (a finite, very
+    negative log-probability, so KL stays finite). Computed in float32 whatever the input dtypes.
     """
     if tau <= 0:
         raise ValueError(f"distillation temperature tau must be > 0, got {tau}; set student.tau above 0")
-    if topk_logits.ndim != 2 or topk_ids.shape != topk_logits.shape or lse.shape != topk_logits.shape[:1]:
+    if topk_logprobs.ndim != 2 or topk_ids.shape != topk_logprobs.shape or log_leftover.shape != topk_logprobs.shape[:1]:
         raise ValueError(
-            f"cached teacher answers have mismatched shapes: topk_logits {tuple(topk_logits.shape)}, "
-            f"topk_ids {tuple(topk_ids.shape)}, lse {tuple(lse.shape)}; expected [B, K], [B, K] and [B]"
+            f"cached teacher answers have mismatched shapes: topk_logprobs {tuple(topk_logprobs.shape)}, "
+            f"topk_ids {tuple(topk_ids.shape)}, log_leftover {tuple(log_leftover.shape)}; expected [B, K], [B, K] and [B]"
         )
-    k = topk_logits.shape[1]
+    k = topk_logprobs.shape[1]
     if k > num_classes:
         raise ValueError(
-            f"the cache stores K={k} logits per view but the student has num_classes={num_classes}; "
+            f"the cache stores K={k} classes per view but the student has num_classes={num_classes}; "
             f"K must not exceed the class count (check the cache's class map against the student's)"
         )
-    logits = topk_logits.float()
-    ids = topk_ids.long()
+    log_probs = topk_logprobs.float()
     missing = num_classes - k
     if missing == 0:
-        completed = torch.full(logits.shape, float("-inf"), device=logits.device)
+        completed = torch.full(log_probs.shape, float("-inf"), device=log_probs.device)
     else:
-        lse = lse.float().unsqueeze(1)
-        leftover = (1.0 - torch.exp(logits - lse).sum(dim=1, keepdim=True)).clamp_min(0.0)
-        uniform_logit = lse + torch.log(leftover / missing)  # -inf where nothing is left over
-        completed = uniform_logit.expand(-1, num_classes).clone()
-    completed.scatter_(1, ids, logits)
-    log_probs = F.log_softmax(completed / tau, dim=1)
-    return log_probs.clamp_min(torch.finfo(torch.float32).min)
+        uniform = log_leftover.float().unsqueeze(1) - math.log(missing)  # -inf where nothing is left over
+        completed = uniform.expand(-1, num_classes).clone()
+    completed.scatter_(1, topk_ids.long(), log_probs)
+    out = F.log_softmax(completed / tau, dim=1)
+    return out.clamp_min(torch.finfo(torch.float32).min)
+
+
+def sparse_teacher_answers(logits: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """What the cache stores and hands back for full teacher logits [B, C], computed on their device: the top-K
+    log-probabilities (float16, descending), their ids, and the log of the mass outside the top-K on the stored
+    grid (`cache.LEFTOVER_SCALE`; -inf for none). The leftover is a logsumexp over the other classes, never
+    `1 - sum(top-K)`, so a confident teacher's tiny leftover keeps its relative precision. Stage 1 writes
+    these; an online teacher truncated to K uses them too, so both give the student the very same targets."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=1)
+    top_v, top_i = logits.topk(top_k, dim=1)
+    rest = logits.scatter(1, top_i, float("-inf"))
+    code = torch.round(-(torch.logsumexp(rest, dim=1) - lse) * LEFTOVER_SCALE).clamp_min(0)
+    none = ~torch.isfinite(code) | (code >= LEFTOVER_NONE)
+    log_leftover = torch.where(none, torch.full_like(code, float("-inf")), -code / LEFTOVER_SCALE)
+    return {"topk_logprobs": (top_v - lse.unsqueeze(1)).half(), "topk_ids": top_i, "log_leftover": log_leftover}
 
 
 def teacher_argmax(topk_ids: torch.Tensor) -> torch.Tensor:
@@ -113,7 +129,7 @@ def _soft_part(dist_logits, target, cached, tau, labelled):
     purpose so alpha and tau mean what they mean in DeiT's recipes.
     """
     teacher = sparse_teacher_log_probs(
-        cached["topk_logits"], cached["topk_ids"], cached["lse"], dist_logits.shape[1], tau
+        cached["topk_logprobs"], cached["topk_ids"], cached["log_leftover"], dist_logits.shape[1], tau
     )
     student = F.log_softmax(dist_logits.float() / tau, dim=1)
     return F.kl_div(student, teacher, reduction="sum", log_target=True) * (tau * tau) / dist_logits.numel()
@@ -134,7 +150,7 @@ DISTILLATION_PARTS: dict[str, DistillationPart] = {
     "hard": _hard_part,
 }
 DISTILLATION_MODES = tuple(DISTILLATION_PARTS)
-CACHED_FIELDS = ("topk_logits", "topk_ids", "lse")
+CACHED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover")
 
 
 def deit_loss(
@@ -150,7 +166,7 @@ def deit_loss(
     """DeiT's distillation loss on the two heads; returns the named parts `loss`, `base`, `distill`.
 
     `target` is the [B, C] mixed, smoothed ground truth; `cached` holds the teacher's answers for these
-    exact views (`topk_logits`, `topk_ids`, `lse`; unused, and may be None, in mode "none").
+    exact views (`topk_logprobs`, `topk_ids`, `log_leftover`; unused, and may be None, in mode "none").
     `base` is soft-target cross-entropy of the class head on `target`. For "soft" and "hard",
     `loss = (1 - alpha) * base + alpha * distill` as in DeiT. For "none" the student keeps both heads (one
     model for every mode, evaluated the same way) and the distillation head also learns the ground truth:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline import cache, views
 from pipeline.lock import writer_lock
+from pipeline.losses import sparse_teacher_answers
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.reader import read_shard
 from pipeline.shards import ShardList, load_shardlist
@@ -88,7 +89,7 @@ class UnitViews(IterableDataset):
     """Yields teacher batches: consecutive views of one shard, rendered from their stored parameters.
 
     Each item: unit, shard, start position, views uint8 [b, H, W, 3], params float32 [b, N], digests
-    int64 [b] (uint64 bits), labels int32 [b], valid bool [b] (False where on_error=skip dropped a sample)."""
+    int64 [b] (32-bit values), labels int32 [b], valid bool [b] (False where on_error=skip dropped a sample)."""
 
     def __init__(self, m: Manifest, lists: dict[str, ShardList], units: list[Unit], eval_crop_pct: float):
         self.m, self.lists, self.units, self.eval_crop_pct = m, lists, units, eval_crop_pct
@@ -151,7 +152,7 @@ class UnitViews(IterableDataset):
         b = len(records)
         views_u8 = np.zeros((b, size, size, 3), np.uint8)
         params = np.zeros((b, views.N_PARAMS), np.float32)
-        digests = np.zeros(b, np.uint64)
+        digests = np.zeros(b, np.int64)
         labels = np.full(b, -1, np.int32)
         valid = np.zeros(b, bool)
         for i, (_, view, p, label) in enumerate(records):
@@ -164,7 +165,7 @@ class UnitViews(IterableDataset):
             labels[i] = label
             valid[i] = True
         return {"unit": unit, "shard": shard, "start": records[0][0], "views": torch.from_numpy(views_u8),
-                "params": torch.from_numpy(params), "digests": torch.from_numpy(digests.view(np.int64)),
+                "params": torch.from_numpy(params), "digests": torch.from_numpy(digests),
                 "labels": torch.from_numpy(labels), "valid": torch.from_numpy(valid)}
 
 
@@ -180,8 +181,8 @@ class UnitBuffers:
         layout = self.layouts[unit.split]
         shards = layout.group_shards(unit.group)
         u, p, k = len(shards), layout.positions, layout.top_k
-        buf = {"topk_logits": np.zeros((u, p, k), np.float16), "topk_ids": np.zeros((u, p, k), layout.id_dtype),
-               "lse": np.zeros((u, p), np.float32), "digest": np.zeros((u, p), np.uint64),
+        buf = {"topk_logprobs": np.zeros((u, p, k), np.float16), "topk_ids": np.zeros((u, p, k), layout.id_dtype),
+               "log_leftover": np.zeros((u, p), np.float32), "digest": np.zeros((u, p), np.uint32),
                "labels": np.full((u, p), -1, np.int32)}
         if unit.split == "train":
             buf["view"] = np.zeros((u, p, layout.n_params), np.float32)
@@ -189,29 +190,25 @@ class UnitBuffers:
         self.remaining[unit] = sum(self.lists[unit.split].shards[s].samples for s in shards)
         return buf
 
-    def add(self, item: dict, logits: torch.Tensor) -> Unit | None:
-        """Store one teacher batch; returns the unit if this batch completed (and wrote) it."""
+    def add(self, item: dict, answers: dict[str, torch.Tensor]) -> Unit | None:
+        """Store one teacher batch's answers (`losses.sparse_teacher_answers`, on the CPU); returns the unit if
+        this batch completed (and wrote) it."""
         unit = item["unit"]
         buf = self.buffers.get(unit) or self._open(unit)
         layout = self.layouts[unit.split]
         row = item["shard"] - unit.group * layout.shards_per_unit
-        cols = slice(item["start"], item["start"] + len(logits))
+        n = len(item["valid"])
+        cols = slice(item["start"], item["start"] + n)
         valid = item["valid"].numpy()
-        logits = logits.float()
-        if not torch.isfinite(logits[torch.from_numpy(valid)]).all():
-            raise FloatingPointError(f"the teacher returned non-finite logits for shard {item['shard']}, positions "
-                                     f"{cols.start}..{cols.stop - 1}: check the teacher weights")
-        top_v, top_i = logits.topk(layout.top_k, dim=1)
-        lse = torch.logsumexp(logits, dim=1)
         keep = valid[:, None]
-        buf["topk_logits"][row, cols] = np.where(keep, top_v.numpy().astype(np.float16), 0)
-        buf["topk_ids"][row, cols] = np.where(keep, top_i.numpy(), 0)
-        buf["lse"][row, cols] = np.where(valid, lse.numpy(), 0)
-        buf["digest"][row, cols] = item["digests"].numpy().view(np.uint64)
+        buf["topk_logprobs"][row, cols] = np.where(keep, answers["topk_logprobs"].numpy(), 0)
+        buf["topk_ids"][row, cols] = np.where(keep, answers["topk_ids"].numpy(), 0)
+        buf["log_leftover"][row, cols] = np.where(valid, answers["log_leftover"].numpy(), 0)
+        buf["digest"][row, cols] = item["digests"].numpy()
         buf["labels"][row, cols] = item["labels"].numpy()
         if "view" in buf:
             buf["view"][row, cols] = item["params"].numpy()
-        self.remaining[unit] -= len(logits)
+        self.remaining[unit] -= n
         if self.remaining[unit]:
             return None
         cache.write_unit(self.root, unit.split, unit.epoch, unit.group, self.buffers.pop(unit))
@@ -252,15 +249,17 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
     mine = [u for i, u in enumerate(all_units(layouts)) if i % world_size == rank]
     todo = [u for u in mine if not done[u.split][(u.group,) if u.epoch is None else (u.epoch, u.group)]]
     total = sum(lists[u.split].shards[s].samples for u in todo for s in layouts[u.split].group_shards(u.group))
+    # with workers, the next batches render while the teacher runs; pinned host memory lets the copy overlap
     loader = DataLoader(UnitViews(m, lists, todo, teacher.crop_pct), batch_size=None, num_workers=m.cache.workers,
-                        persistent_workers=False, prefetch_factor=4 if m.cache.workers else None)
+                        persistent_workers=False, prefetch_factor=4 if m.cache.workers else None,
+                        pin_memory=device.type == "cuda")
     buffers = UnitBuffers(root, layouts, lists)
     started, written = time.time(), 0
     bar = tqdm(total=total, unit="view", desc=f"teacher-cache rank {rank}", disable=not progress, smoothing=0.1)
     for item in loader:
-        logits = forward(teacher, item["views"], device)
-        written += buffers.add(item, logits) is not None
-        bar.update(len(logits))
+        answers = teacher_answers(teacher, item, device, m.cache.top_k)
+        written += buffers.add(item, answers) is not None
+        bar.update(len(item["valid"]))
     bar.close()
     if buffers.remaining:
         raise RuntimeError(f"units left incomplete: {sorted(buffers.remaining, key=str)[:3]}")
@@ -271,9 +270,24 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
 
 @torch.inference_mode()
 def forward(teacher: Teacher, views_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The teacher's float32 logits [b, C] for uint8 views [b, H, W, 3], left on `device`."""
     x = normalize(views_u8.to(device, non_blocking=True), teacher.mean, teacher.std)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return teacher.model(x).float().cpu()
+            return teacher.model(x).float()
     return teacher.model(x).float()
+
+
+@torch.inference_mode()
+def teacher_answers(teacher: Teacher, item: dict, device: torch.device, top_k: int) -> dict[str, torch.Tensor]:
+    """One batch's answers as the cache stores them, reduced to top-K on the device (only K values and ids and
+    one leftover per view cross to the host), after checking the valid views' logits are finite."""
+    logits = forward(teacher, item["views"], device)
+    answers = sparse_teacher_answers(logits, top_k)
+    finite = torch.isfinite(logits).all(dim=1).cpu()
+    if not finite[item["valid"]].all():
+        stop = item["start"] + len(finite)
+        raise FloatingPointError(f"the teacher returned non-finite logits for shard {item['shard']}, positions "
+                                 f"{item['start']}..{stop - 1}: check the teacher weights")
+    return {name: value.cpu() for name, value in answers.items()}

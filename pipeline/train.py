@@ -33,7 +33,7 @@ from tqdm import tqdm
 from pipeline import cache
 from pipeline.distributed import World
 from pipeline.evaluate import Evaluator
-from pipeline.losses import deit_loss, mixed_target
+from pipeline.losses import deit_loss, mixed_target, sparse_teacher_answers
 from pipeline.manifest import Manifest, ManifestError, StudentCfg, to_dict
 from pipeline.shards import load_shardlist
 from pipeline.student import Student, create_student
@@ -72,19 +72,24 @@ def cached_answers(device: torch.device) -> Answers:
     """The teacher's answers for a batch, as the cache stored them (attached by the loader)."""
 
     def answers(batch: dict) -> dict:
-        return {k: batch[k].to(device, non_blocking=True) for k in ("topk_logits", "topk_ids", "lse")}
+        return {k: batch[k].to(device, non_blocking=True) for k in ("topk_logprobs", "topk_ids", "log_leftover")}
 
     return answers
 
 
-def online_answers(teacher: Teacher, device: torch.device) -> Answers:
+def online_answers(teacher: Teacher, device: torch.device, top_k: int | None = None) -> Answers:
     """The teacher run now on the batch's uint8 views (at its own size when the loader rendered those),
-    normalised with its own mean and std: all C logits, sorted, so K = C."""
+    normalised with its own mean and std: all C log-probabilities, sorted (K = C); or, with `top_k`, truncated
+    and stored exactly as stage 1 stores them (`losses.sparse_teacher_answers`)."""
 
     def answers(batch: dict) -> dict:
         logits = forward(teacher, batch.get("teacher_views", batch["views"]), device).to(device).clone()
+        if top_k is not None:
+            return sparse_teacher_answers(logits, top_k)
         top_v, top_i = logits.sort(dim=1, descending=True)
-        return {"topk_logits": top_v, "topk_ids": top_i, "lse": torch.logsumexp(logits, dim=1)}
+        none = torch.full(top_v.shape[:1], float("-inf"), device=top_v.device)
+        return {"topk_logprobs": top_v - torch.logsumexp(logits, dim=1, keepdim=True), "topk_ids": top_i,
+                "log_leftover": none}
 
     return answers
 

@@ -31,17 +31,18 @@ DEFAULTS = verify.Thresholds()
               help="First check every chunk of every complete unit: present, checksum intact.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full report (every failing view) as JSON here.")
-def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_disagreement, logit_atol,
-                         logit_rtol, scan, json_path):
+def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_disagreement, max_prob_error,
+                 max_leftover_error, max_kl, scan, json_path):
     """Recompute the teacher on a random sample of the cache's complete units (train and val) and check
-    digests, top-K agreement, logit and logsumexp errors; exit 1 past the thresholds. Units not complete
+    digests, top-K agreement, and the cached probabilities, leftover mass and KL; exit 1 past the thresholds. Units not complete
     yet are listed, not failed."""
     from pipeline.cache import CacheError
     from pipeline.manifest import ManifestError
     from pipeline.reader import ShardError
     from pipeline.teacher import TeacherError
 
-    thresholds = verify.Thresholds(max_digest_mismatches, max_top1_disagreement, logit_atol, logit_rtol)
+    thresholds = verify.Thresholds(max_digest_mismatches, max_top1_disagreement, max_prob_error, max_leftover_error,
+                                   max_kl)
     try:
         report = verify.verify_cache(m, cache_path or m.cache.path, sample, seed, thresholds, scan)
     except (CacheError, ManifestError, ShardError, TeacherError) as e:
