@@ -21,12 +21,14 @@ DEFAULTS = verify.Thresholds()
               show_default=True, help="Re-rendered views allowed to differ from the views the teacher saw.")
 @click.option("--max-top1-disagreement", type=click.FloatRange(0, 1), default=DEFAULTS.max_top1_disagreement,
               show_default=True, help="Share of views whose recomputed top-1 may beat the cached one by more "
-                                      "than the logit tolerance.")
-@click.option("--logit-atol", type=click.FloatRange(0), default=DEFAULTS.logit_atol, show_default=True,
-              help="Absolute logit tolerance on top of float16 rounding (also for the logsumexp).")
-@click.option("--logit-rtol", type=click.FloatRange(0), default=DEFAULTS.logit_rtol, show_default=True,
-              help="Logit tolerance relative to the view's largest |logit|: covers a cache filled under CUDA "
-                   "bfloat16 autocast and checked on CPU (or another GPU, batch size, thread count).")
+                                      "than --max-prob-error in probability.")
+@click.option("--max-prob-error", type=click.FloatRange(0), default=DEFAULTS.max_prob_error, show_default=True,
+              help="Per view: largest |p_cached - p_recomputed| over the stored classes. Loosen it for a cache "
+                   "filled under CUDA bfloat16 autocast and checked on CPU.")
+@click.option("--max-leftover-error", type=click.FloatRange(0), default=DEFAULTS.max_leftover_error,
+              show_default=True, help="Per view: |leftover mass cached - recomputed| (mass outside the top-K).")
+@click.option("--max-kl", type=click.FloatRange(0), default=DEFAULTS.max_kl, show_default=True,
+              help="Per view: KL(recomputed || cached) in nats over the stored classes plus the leftover.")
 @click.option("--scan/--no-scan", default=True, show_default=True,
               help="First check every chunk of every complete unit: present, checksum intact.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,

@@ -40,11 +40,12 @@ def test_replayed_views_are_the_views_the_teacher_saw(tiny_cache):
             assert (shard, pos) != BAD
             view = batch["views"][i].numpy()
             assert (views.view_digest(view) or 1) == int(train["digest"][0, shard, pos])
-            np.testing.assert_array_equal(batch["topk_logits"][i].numpy(), train["topk_logits"][0, shard, pos])
+            np.testing.assert_array_equal(batch["topk_logprobs"][i].numpy(), train["topk_logprobs"][0, shard, pos])
             np.testing.assert_array_equal(batch["topk_ids"][i].numpy(), train["topk_ids"][0, shard, pos])
-            assert batch["lse"][i].item() == train["lse"][0, shard, pos]
+            code = int(train["log_leftover"][0, shard, pos])  # the stored code; 65535: nothing outside the top-K
+            assert batch["log_leftover"][i].item() == (-np.inf if code == 65535 else -code / 1024)
             assert batch["labels"][i].item() == train["labels"][shard, pos]
-            partner, lam = views.mix_target(train["view"][0, shard, pos])
+            partner, lam = views.mix_target(views.decode_params(train["view"][0, shard, pos]))
             partner = pos if (shard, partner) == BAD else partner
             assert batch["partner_labels"][i].item() == train["labels"][shard, partner]
             assert batch["lam"][i].item() == lam
@@ -153,7 +154,7 @@ def test_loader_resumes_inside_an_epoch_with_workers(tiny_cache):
         tail = _epoch(data, 0, skip=skip)
         assert len(tail) == len(full) - skip
         for a, b in zip(full[skip:], tail):
-            for name in ("shard", "pos", "views", "topk_logits", "lam"):
+            for name in ("shard", "pos", "views", "topk_logprobs", "lam"):
                 assert torch.equal(a[name], b[name]), (skip, name)
 
 
