@@ -348,7 +348,7 @@ def train(m: Manifest, world: World | None = None, answers: str | Answers = "cac
     """Train `m.student` from the cache at `m.cache.path`; resumes from run_dir's checkpoint if there is one.
 
     `answers`: "cache" (the default), "online" (the teacher runs on the replayed views), or a function of the
-    batch returning {"topk_logits", "topk_ids", "lse"}. Returns the final evaluation (also in result.json)."""
+    batch returning {"topk_logprobs", "topk_ids", "log_leftover"}. Returns the final evaluation (also in result.json)."""
     s, world = m.student, world or World(0, 1, None)
     device = pick_device(s.device, world)
     run_dir = Path(s.run_dir)
