@@ -9,6 +9,8 @@ Layout, schema distill-cache/2 (E cached epochs, S train shards, P = longest tra
     train/log_leftover  uint16  [E, S, P]      log of the mass outside the top-K, as -round(1024 log m)
     train/view          uint8   [E, S, P, B]   the quantised view parameters (`pipeline.views.encode_params`)
     train/digest        uint32  [E, S, P]      32-bit digest of the teacher's uint8 view; 0 = no view here
+    train/tail_ids      uint16|int32 [E, S, P, T]  with cache.tail_samples = T: classes drawn from the tail
+    train/tail_logprobs float16 [E, S, P, T]   (the teacher's distribution outside the top-K), and their log-probs
     train/labels        int32   [S, P]         ground-truth labels (written by the epoch-0 units)
     train/done          uint8   [E, G]         1 once unit (epoch, shard group) is durable
     val/topk_logprobs, val/topk_ids, val/log_leftover, val/digest [Sv, Pv, ...], val/labels, val/done [Gv]
@@ -90,6 +92,7 @@ class CacheLayout:
     n_params: int
     shards_per_unit: int
     epochs: int | None
+    tail_samples: int = 0  # T classes per view drawn from the teacher's tail (`losses.sparse_teacher_answers`)
 
     @property
     def groups(self) -> int:
@@ -128,6 +131,9 @@ def _array_specs(layout: CacheLayout) -> dict[str, tuple[tuple, tuple, str]]:
         "log_leftover": (e + (s, p), e1 + (u, p), "uint16"),
         "digest": (e + (s, p), e1 + (u, p), "uint32"),
         "labels": ((s, p), (u, p), "int32"),
+        **({"tail_ids": (e + (s, p, layout.tail_samples), e1 + (u, p, layout.tail_samples), layout.id_dtype),
+            "tail_logprobs": (e + (s, p, layout.tail_samples), e1 + (u, p, layout.tail_samples), "float16")}
+           if layout.tail_samples else {}),
         "done": (e + (layout.groups,), e1 + (1,), "uint8"),
     }
     if layout.epochs is not None:
@@ -237,6 +243,7 @@ def layout_of(root: zarr.Group, split: str) -> CacheLayout:
         n_params=views.N_PARAMS if has_epochs else 0,
         shards_per_unit=logits.chunks[1] if has_epochs else logits.chunks[0],
         epochs=logits.shape[0] if has_epochs else None,
+        tail_samples=grp["tail_ids"].shape[-1] if "tail_ids" in grp else 0,
     )
 
 
@@ -320,7 +327,7 @@ def _require_done(root, split, done: zarr.Array, layout: CacheLayout, epoch: int
         )
 
 
-SLAB_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view")
+SLAB_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view", "tail_ids", "tail_logprobs")
 
 
 class SlabReader:

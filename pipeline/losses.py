@@ -86,12 +86,18 @@ def sparse_teacher_log_probs(
     return out.clamp_min(torch.finfo(torch.float32).min)
 
 
-def sparse_teacher_answers(logits: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+def sparse_teacher_answers(logits: torch.Tensor, top_k: int,
+                           tail_uniforms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """What the cache stores and hands back for full teacher logits [B, C], computed on their device: the top-K
     log-probabilities (float16, descending), their ids, and the log of the mass outside the top-K on the stored
     grid (`cache.LEFTOVER_SCALE`; -inf for none). The leftover is a logsumexp over the other classes, never
     `1 - sum(top-K)`, so a confident teacher's tiny leftover keeps its relative precision. Stage 1 writes
-    these; an online teacher truncated to K uses them too, so both give the student the very same targets."""
+    these; an online teacher truncated to K uses them too, so both give the student the very same targets.
+
+    With `tail_uniforms` [B, T] (numbers in [0, 1)), also T classes drawn with replacement from the tail, the
+    teacher's distribution outside the top-K (`tail_ids`, by inverse CDF, so the draws are the uniforms'
+    alone), and their log-probabilities (`tail_logprobs`, float16): what `sparse_soft_target` needs for an
+    unbiased estimate of the full soft loss (Anshumann et al., ACL 2025, "Sparse Logit Sampling")."""
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=1)
     top_v, top_i = logits.topk(top_k, dim=1)
@@ -99,7 +105,38 @@ def sparse_teacher_answers(logits: torch.Tensor, top_k: int) -> dict[str, torch.
     code = torch.round(-(torch.logsumexp(rest, dim=1) - lse) * LEFTOVER_SCALE).clamp_min(0)
     none = ~torch.isfinite(code) | (code >= LEFTOVER_NONE)
     log_leftover = torch.where(none, torch.full_like(code, float("-inf")), -code / LEFTOVER_SCALE)
-    return {"topk_logprobs": (top_v - lse.unsqueeze(1)).half(), "topk_ids": top_i, "log_leftover": log_leftover}
+    out = {"topk_logprobs": (top_v - lse.unsqueeze(1)).half(), "topk_ids": top_i, "log_leftover": log_leftover}
+    if tail_uniforms is not None:
+        tail = torch.softmax(rest.double(), dim=1)  # zero on the top-K
+        cdf = tail.cumsum(dim=1)
+        drawn = torch.searchsorted(cdf, tail_uniforms.double() * cdf[:, -1:], right=True)
+        drawn = drawn.clamp_max(logits.shape[1] - 1)
+        out["tail_ids"] = drawn
+        out["tail_logprobs"] = (logits.gather(1, drawn) - lse.unsqueeze(1)).half()
+    return out
+
+
+def sampled_teacher_target(cached: Mapping[str, torch.Tensor], num_classes: int,
+                           tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's [B, C] target at temperature `tau` from the top-K plus the T classes drawn from its tail
+    (`tail_ids`, `tail_logprobs`): (q_hat, log_q). q_hat keeps the top-K weights p_i^(1/tau) and gives each
+    draw the importance weight (m / T) p_j^(1/tau) / p_j (m = leftover mass), normalised per view; log_q is
+    the teacher's own tempered log-probability at the classes q_hat covers (-inf elsewhere).
+
+    At tau = 1 the weights sum to 1 (up to float16 rounding) and E[q_hat] = p exactly, so the soft loss
+    -sum q_hat log s and its gradient softmax(s) - q_hat are unbiased estimates of the full ones (Anshumann
+    et al., ACL 2025); at other tau the normalisation makes it a self-normalised estimate (consistent in T,
+    with a bias of order 1/T). The uniform fill of `sparse_teacher_log_probs` is biased at every tau."""
+    lp = cached["topk_logprobs"].float()
+    tail_lp = cached["tail_logprobs"].float()
+    top_ids, tail_ids = cached["topk_ids"].long(), cached["tail_ids"].long()
+    leftover = cached["log_leftover"].float().exp().unsqueeze(1)
+    tail_weight = leftover / tail_ids.shape[1] * torch.exp(tail_lp * (1.0 / tau - 1.0))
+    weights = torch.zeros(lp.shape[0], num_classes, device=lp.device)
+    weights = weights.scatter(1, top_ids, torch.exp(lp / tau)).scatter_add(1, tail_ids, tail_weight)
+    total = weights.sum(dim=1, keepdim=True)
+    log_q = torch.full_like(weights, float("-inf")).scatter(1, tail_ids, tail_lp / tau).scatter(1, top_ids, lp / tau)
+    return weights / total, log_q - total.log()
 
 
 def teacher_argmax(topk_ids: torch.Tensor) -> torch.Tensor:
@@ -122,16 +159,21 @@ def _ground_truth_part(dist_logits, target, cached, tau, labelled):
 
 
 def _soft_part(dist_logits, target, cached, tau, labelled):
-    """KL(teacher || student) at temperature tau, with DeiT's reduction.
+    """KL(teacher || student) at temperature tau, with DeiT's reduction. With tail samples in the cache, the
+    teacher is `sampled_teacher_target` (unbiased); otherwise the top-K with the uniform fill.
 
     DeiT sums the KL over batch and classes and divides by `dist_logits.numel()` = B * C, i.e. the usual
     batch-mean KL divided by C as well (facebookresearch/deit issue #61). That legacy scale is kept on
     purpose so alpha and tau mean what they mean in DeiT's recipes.
     """
+    student = F.log_softmax(dist_logits.float() / tau, dim=1)
+    if "tail_ids" in cached:
+        q_hat, log_q = sampled_teacher_target(cached, dist_logits.shape[1], tau)
+        terms = torch.where(q_hat > 0, q_hat * (log_q - student), torch.zeros_like(q_hat))
+        return terms.sum() * (tau * tau) / dist_logits.numel()
     teacher = sparse_teacher_log_probs(
         cached["topk_logprobs"], cached["topk_ids"], cached["log_leftover"], dist_logits.shape[1], tau
     )
-    student = F.log_softmax(dist_logits.float() / tau, dim=1)
     return F.kl_div(student, teacher, reduction="sum", log_target=True) * (tau * tau) / dist_logits.numel()
 
 

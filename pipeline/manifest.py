@@ -117,6 +117,7 @@ class CacheCfg:
     workers: int = 0
     shards_per_unit: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tail_samples: int = 0  # classes drawn per train view from the teacher's tail (unbiased soft targets)
 
 
 @dataclass(slots=True)

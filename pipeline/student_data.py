@@ -39,7 +39,7 @@ from pipeline.teacher_cache import library_versions
 
 log = logging.getLogger(__name__)
 
-CACHED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view")
+CACHED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view", "tail_ids", "tail_logprobs")
 
 # fingerprint field -> the manifest keys that produce it (for the fix in a mismatch message)
 FINGERPRINT_KEYS = {
@@ -348,7 +348,9 @@ class StudentViews(IterableDataset):
         return {**{name: shard_views.view(pos) for name, shard_views in rendered.items()},
                 "labels": sample.label, "partner_labels": samples[partner].label, "lam": lam,
                 "topk_logprobs": slab["topk_logprobs"][pos], "topk_ids": slab["topk_ids"][pos].astype(np.int64),
-                "log_leftover": slab["log_leftover"][pos], "shard": shard, "pos": pos}
+                "log_leftover": slab["log_leftover"][pos], "shard": shard, "pos": pos,
+                **{name: slab[name][pos].astype(np.int64) if name == "tail_ids" else slab[name][pos]
+                   for name in ("tail_ids", "tail_logprobs") if name in slab}}
 
 
 def _collate(records: list[dict]) -> dict[str, torch.Tensor]:

@@ -63,6 +63,7 @@ def cache_attrs(m: Manifest, train: ShardList, val: ShardList, teacher_identity:
                    for name, lst in (("train", train), ("val", val))},
         "teacher_size": m.teacher.img_size,
         "shards_per_unit": m.cache.shards_per_unit,
+        "tail_samples": m.cache.tail_samples,
         "param_fields": list(views.PARAM_FIELDS),
         "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -73,13 +74,17 @@ def cache_attrs(m: Manifest, train: ShardList, val: ShardList, teacher_identity:
 
 def layouts_for(m: Manifest, train: ShardList, val: ShardList) -> dict[str, cache.CacheLayout]:
     num_classes = len(train.classes)
+    if m.cache.tail_samples < 0 or (m.cache.tail_samples and m.cache.top_k == num_classes):
+        raise ManifestError(f"cache.tail_samples={m.cache.tail_samples} must be >= 0, and 0 when cache.top_k equals "
+                            f"the {num_classes} classes (there is no tail to sample)")
     if m.cache.top_k > num_classes:
         raise ManifestError(f"cache.top_k={m.cache.top_k} exceeds the {num_classes} classes of {m.data.train}: "
                             f"set cache.top_k <= {num_classes}")
     common = dict(top_k=m.cache.top_k, num_classes=num_classes, shards_per_unit=m.cache.shards_per_unit)
     return {
         "train": cache.CacheLayout(shards=len(train.shards), positions=max(s.samples for s in train.shards),
-                                   n_params=views.N_PARAMS, epochs=m.cache.epochs, **common),
+                                   n_params=views.N_PARAMS, epochs=m.cache.epochs,
+                                   tail_samples=m.cache.tail_samples, **common),
         "val": cache.CacheLayout(shards=len(val.shards), positions=max(s.samples for s in val.shards),
                                  n_params=0, epochs=None, **common),
     }
@@ -147,8 +152,7 @@ class UnitViews(IterableDataset):
                 continue
             yield pos, rendered.view(pos), params[pos], sample.label
 
-    @staticmethod
-    def _collate(unit, shard, records, size):
+    def _collate(self, unit, shard, records, size):
         b = len(records)
         views_u8 = np.zeros((b, size, size, 3), np.uint8)
         params = np.zeros((b, views.N_PARAMS), np.float32)
@@ -164,9 +168,23 @@ class UnitViews(IterableDataset):
             digests[i] = views.view_digest(view) or 1  # 0 is reserved for "no view here"
             labels[i] = label
             valid[i] = True
-        return {"unit": unit, "shard": shard, "start": records[0][0], "views": torch.from_numpy(views_u8),
+        item = {"unit": unit, "shard": shard, "start": records[0][0], "views": torch.from_numpy(views_u8),
                 "params": torch.from_numpy(params), "digests": torch.from_numpy(digests),
                 "labels": torch.from_numpy(labels), "valid": torch.from_numpy(valid)}
+        if unit.split == "train" and self.m.cache.tail_samples:
+            item["tail_uniforms"] = torch.from_numpy(np.stack([tail_uniforms(self.m, unit.epoch, shard, pos)
+                                                               for pos, *_ in records]))
+        return item
+
+
+TAIL_STREAM = 1000  # the generator part of the tail draws (views.py numbers its parts from 0)
+
+
+def tail_uniforms(m: Manifest, epoch: int, shard: int, pos: int) -> np.ndarray:
+    """The view's `cache.tail_samples` uniforms in [0, 1) for its tail draws, from (seed, epoch, shard, pos)
+    alone like its view parameters, so the draws do not depend on topology, batch or device."""
+    rng = np.random.default_rng([m.views.seed, epoch, shard, pos, TAIL_STREAM])
+    return rng.random(m.cache.tail_samples)
 
 
 class UnitBuffers:
@@ -186,6 +204,9 @@ class UnitBuffers:
                "labels": np.full((u, p), -1, np.int32)}
         if unit.split == "train":
             buf["view"] = np.zeros((u, p, layout.n_params), np.float32)
+        if layout.tail_samples:
+            buf["tail_ids"] = np.zeros((u, p, layout.tail_samples), layout.id_dtype)
+            buf["tail_logprobs"] = np.zeros((u, p, layout.tail_samples), np.float16)
         self.buffers[unit] = buf
         self.remaining[unit] = sum(self.lists[unit.split].shards[s].samples for s in shards)
         return buf
@@ -208,6 +229,9 @@ class UnitBuffers:
         buf["labels"][row, cols] = item["labels"].numpy()
         if "view" in buf:
             buf["view"][row, cols] = item["params"].numpy()
+        for name in ("tail_ids", "tail_logprobs"):
+            if name in buf:
+                buf[name][row, cols] = np.where(keep, answers[name].numpy(), 0)
         self.remaining[unit] -= n
         if self.remaining[unit]:
             return None
@@ -284,7 +308,8 @@ def teacher_answers(teacher: Teacher, item: dict, device: torch.device, top_k: i
     """One batch's answers as the cache stores them, reduced to top-K on the device (only K values and ids and
     one leftover per view cross to the host), after checking the valid views' logits are finite."""
     logits = forward(teacher, item["views"], device)
-    answers = sparse_teacher_answers(logits, top_k)
+    uniforms = item.get("tail_uniforms")
+    answers = sparse_teacher_answers(logits, top_k, None if uniforms is None else uniforms.to(device))
     finite = torch.isfinite(logits).all(dim=1).cpu()
     if not finite[item["valid"]].all():
         stop = item["start"] + len(finite)

@@ -68,11 +68,14 @@ class Position:
 # --------------------------------------------------------------------------------------------- the teacher's answers
 
 
+ANSWER_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "tail_ids", "tail_logprobs")  # the last two optional
+
+
 def cached_answers(device: torch.device) -> Answers:
     """The teacher's answers for a batch, as the cache stored them (attached by the loader)."""
 
     def answers(batch: dict) -> dict:
-        return {k: batch[k].to(device, non_blocking=True) for k in ("topk_logprobs", "topk_ids", "log_leftover")}
+        return {k: batch[k].to(device, non_blocking=True) for k in ANSWER_FIELDS if k in batch}
 
     return answers
 
@@ -309,7 +312,7 @@ def open_checked_cache(m: Manifest, world: World, device: torch.device, answers:
     the answers function)."""
     root = cache.open_cache(m.cache.path)
     num_classes = len(root.attrs["classes"])
-    online = isinstance(answers, str) and answers == "online"
+    online = isinstance(answers, str) and answers in ("online", "online-topk")
     teacher = load_teacher(m.teacher, num_classes, device) if online else None
     identity = teacher.identity if online else teacher_identity(m.teacher, num_classes)
     expected = cache_attrs(m, load_shardlist(m.data.train), load_shardlist(m.data.val), identity)
@@ -319,11 +322,11 @@ def open_checked_cache(m: Manifest, world: World, device: torch.device, answers:
     warn_if_cycling(m.student.epochs, data.cache_epochs)
     if world.rank == 0:
         verify_views(m, root, data.shardlist, m.student.verify_sample)
-    if online:
-        answers = online_answers(teacher, device)
+    if online:  # "online-topk": truncated to the cache's K and stored as stage 1 stores it
+        answers = online_answers(teacher, device, root.attrs["top_k"] if answers == "online-topk" else None)
     elif isinstance(answers, str):
         if answers != "cache":
-            raise ValueError(f"answers={answers!r}: pass 'cache', 'online' or a function of the batch")
+            raise ValueError(f"answers={answers!r}: pass 'cache', 'online', 'online-topk' or a function of the batch")
         answers = cached_answers(device)
     return root, data, answers
 
