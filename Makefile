@@ -21,7 +21,7 @@ SAMPLE      ?= 0.01
 DISTILL := $(VENV)/bin/distill
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo shards shardlist teacher teacher-cache train-student sweep stats \
+.PHONY: install test demo shards shardlist teacher plan teacher-cache train-student sweep stats \
         inspect-view verify-cache bench clean
 
 install: $(STAMP)
@@ -45,6 +45,9 @@ shardlist: $(STAMP)
 
 teacher: $(STAMP)
 	$(DISTILL) teacher --manifest $(MANIFEST) $(ARGS)
+
+plan: $(STAMP)
+	$(DISTILL) plan --manifest $(MANIFEST) $(ARGS)
 
 teacher-cache: $(STAMP)
 	$(DISTILL) teacher-cache --manifest $(MANIFEST) $(ARGS)

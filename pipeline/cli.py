@@ -19,6 +19,7 @@ COMMANDS = {
     "stats": "stages.stats:stats",
     "inspect-view": "stages.inspect_view:inspect_view",
     "verify-cache": "stages.verify_cache:verify_cache",
+    "plan": "stages.plan:plan",
     "bench": "stages.bench:bench",
     "demo": "stages.demo:demo",
 }

@@ -103,3 +103,23 @@ def test_at_1000_classes_a_confident_teachers_cache_follows_the_online_teacher_w
     reference, ours, v1 = run(online), run(stored), run(_v1_answers(teacher, k))
     np.testing.assert_allclose(ours, reference, rtol=1e-5)  # the cache gives the online teacher's steps
     assert np.abs(v1 / reference - 1).max() > 1e-3  # v1's storage did not
+
+
+def test_a_cache_with_tail_samples_stores_tail_draws_and_a_soft_student_trains_on_them(topk_cache, tmp_path):
+    tiny_cache, _ = topk_cache
+    path = tmp_path / "cache"
+    m = tiny_cache.manifest(f"cache.path={path}", f"cache.top_k={K}", "cache.tail_samples=3", "cache.epochs=1",
+                            "student.distillation=soft", "student.epochs=1", "student.verify_sample=0",
+                            run_dir=tmp_path / "run")
+    fill_cache(m, progress=False)
+    root = cache.open_cache(str(path))
+    assert cache.layout_of(root, "train").tail_samples == 3 and "tail_ids" not in root["val"]
+    slab = cache.read_slab(root, "train", 0, 0)
+    held = slab["digest"] != 0
+    ids, tail = slab["topk_ids"][held], slab["tail_ids"][held]
+    assert tail.shape == (held.sum(), 3)
+    assert not any(set(a) & set(b) for a, b in zip(ids.tolist(), tail.tolist()))  # drawn outside the top-K
+    assert (slab["tail_logprobs"][held] <= slab["topk_logprobs"][held, -1:]).all()  # no tail class beats the K-th
+    result = train(m, progress=False)
+    assert all(np.isfinite(r["distill"]) and r["distill"] > 0 for r in _records(tmp_path / "run"))
+    assert result is not None
