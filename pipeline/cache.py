@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from pipeline import views
@@ -109,8 +109,12 @@ class CacheLayout:
 def _compressors(name: str, dtype: str) -> list:
     # zstd inside blosc, then a crc32c so a flipped byte is caught on read. Chosen by measurement (`make bench`,
     # BENCHMARKS.md storage section): bit-shuffle for the class ids (their high bits are zero: smaller and faster
-    # to write than byte-shuffle), byte-shuffle for the rest; zstd level 5 (level 9 writes 10-30x slower)
-    shuffle = "bitshuffle" if name == "topk_ids" else "shuffle"
+    # to write than byte-shuffle), byte-shuffle for the rest; zstd level 5 (level 9 writes 10-30x slower). The
+    # view records (48 B a view, byte columns after the transpose) take plain zstd at level 19: 5% smaller than
+    # blosc's level 5 there, and a unit's records are small enough that the slower level costs milliseconds
+    if name == "view":
+        return [ZstdCodec(level=19), Crc32cCodec()]
+    shuffle = "bitshuffle" if name in ("topk_ids", "tail_ids") else "shuffle"
     return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
 
 

@@ -5,12 +5,20 @@ index alone (unit i goes to rank i mod world size), then to loader workers the s
 re-scaled run redoes exactly the units that are not done and never shares a chunk between writers.
 Teacher batches are runs of consecutive positions of one shard, so every view meets the teacher in the same
 batch whatever the rank or worker count: the cache is bit-identical across topologies.
+
+On a GPU the stage keeps the device busy: loader workers render the next batches while the teacher runs
+(prefetch), batches come in pinned memory and are copied without blocking, the top-K, log-softmax, leftover
+and tail draws are computed on the device so only K values per view cross back, unit writes (compression,
+fsync, done flag) run on a background thread, and `cache.compile: true` compiles the teacher. On the CPU the
+same code runs with the CUDA-only parts (pinning, autocast, channels-last) off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -188,12 +196,34 @@ def tail_uniforms(m: Manifest, epoch: int, shard: int, pos: int) -> np.ndarray:
 
 
 class UnitBuffers:
-    """Collects teacher answers per unit and writes a unit the moment its last view arrives."""
+    """Collects teacher answers per unit and writes a unit the moment its last view arrives, on a background
+    thread so the teacher keeps running while the unit's chunks are compressed, written and fsynced. One
+    write is in flight at a time (the next completed unit waits for it, which bounds the memory held); each
+    write keeps `cache.write_unit`'s order (data, fsync, then the done flag), and its error is raised in the
+    caller at the next `add` or at `flush`."""
 
     def __init__(self, root, layouts, lists):
         self.root, self.layouts, self.lists = root, layouts, lists
         self.buffers: dict[Unit, dict[str, np.ndarray]] = {}
         self.remaining: dict[Unit, int] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer")
+        self._in_flight: Future | None = None
+
+    def _write(self, unit: Unit, data: dict[str, np.ndarray]) -> None:
+        self.flush()
+        self._in_flight = self._writer.submit(cache.write_unit, self.root, unit.split, unit.epoch, unit.group, data)
+
+    def flush(self) -> None:
+        """Wait for the write in flight; re-raise its error."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._writer.shutdown(wait=True)
 
     def _open(self, unit: Unit) -> dict[str, np.ndarray]:
         layout = self.layouts[unit.split]
@@ -235,7 +265,7 @@ class UnitBuffers:
         self.remaining[unit] -= n
         if self.remaining[unit]:
             return None
-        cache.write_unit(self.root, unit.split, unit.epoch, unit.group, self.buffers.pop(unit))
+        self._write(unit, self.buffers.pop(unit))
         del self.remaining[unit]
         return unit
 
@@ -263,6 +293,8 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
     layouts = layouts_for(m, lists["train"], lists["val"])
     device = pick_device(m.cache.device)
     teacher = load_teacher(m.teacher, len(lists["train"].classes), device)
+    if m.cache.compile:  # the identity (and so the fingerprint) is the weights', not the compiled module's
+        teacher = dataclasses.replace(teacher, model=torch.compile(teacher.model))
     attrs = cache_attrs(m, lists["train"], lists["val"], teacher.identity)
     if rank == 0 or barrier is None:
         root = cache.create(m.cache.path, layouts, attrs)
@@ -280,10 +312,13 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
     buffers = UnitBuffers(root, layouts, lists)
     started, written = time.time(), 0
     bar = tqdm(total=total, unit="view", desc=f"teacher-cache rank {rank}", disable=not progress, smoothing=0.1)
-    for item in loader:
-        answers = teacher_answers(teacher, item, device, m.cache.top_k)
-        written += buffers.add(item, answers) is not None
-        bar.update(len(item["valid"]))
+    try:
+        for item in loader:
+            answers = teacher_answers(teacher, item, device, m.cache.top_k)
+            written += buffers.add(item, answers) is not None
+            bar.update(len(item["valid"]))
+    finally:
+        buffers.close()  # the last unit's write completes (or raises) before the run returns
     bar.close()
     if buffers.remaining:
         raise RuntimeError(f"units left incomplete: {sorted(buffers.remaining, key=str)[:3]}")
