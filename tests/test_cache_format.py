@@ -129,3 +129,29 @@ def test_a_v1_cache_is_refused_with_the_rebuild_command(tmp_path):
         cache.open_cache(path)
     with pytest.raises(cache.CacheError, match=r"schema distill-cache/1"):
         cache.create(path, {}, {})
+
+
+def test_the_readmes_numpy_recipe_rebuilds_the_losss_distribution(tmp_path):
+    """The README's plain-zarr reading recipe, run as written on a cache, gives the loss's distribution."""
+    import re
+    from pathlib import Path
+
+    rng = np.random.default_rng(2)
+    n = 64
+    z = confident_logits(rng, n)
+    answers = sparse_teacher_answers(torch.from_numpy(z).float(), K)
+    layouts = {"train": cache.CacheLayout(shards=1, positions=n, top_k=K, num_classes=C, n_params=views.N_PARAMS,
+                                          shards_per_unit=1, epochs=1)}
+    root = cache.create(str(tmp_path / "cache"), layouts, {"classes": [str(c) for c in range(C)], "top_k": K})
+    params = np.stack([views.sample_params(ViewsCfg(), 0, 0, p, n, (300, 200)) for p in range(n)])
+    unit = {name: value.numpy()[None] for name, value in answers.items()}
+    unit |= {"topk_ids": unit["topk_ids"].astype(np.uint16), "digest": np.ones((1, n), np.uint32),
+             "labels": np.zeros((1, n), np.int32), "view": params[None]}
+    cache.write_unit(root, "train", 0, 0, unit)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = re.search(r"```python\n(.*?)```", readme[readme.index("Reading a cache with zarr"):], re.S).group(1)
+    scope = {}
+    exec(recipe.replace('"caches/demo"', repr(str(tmp_path / "cache"))), scope)
+    ours = sparse_teacher_log_probs(answers["topk_logprobs"], answers["topk_ids"], answers["log_leftover"], C).exp()
+    np.testing.assert_allclose(scope["p"], ours.double().numpy(), atol=5e-6)  # the loss computes in float32
+    np.testing.assert_allclose(scope["p"].sum(1), 1.0, atol=1e-9)
