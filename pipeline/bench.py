@@ -467,7 +467,7 @@ def cache_read(work: Path, s: Settings) -> dict:
     out = {}
     for k in [k for k in s.top_ks if k in (10, 100)] or s.top_ks:
         root = cache.open_cache(str(work / "storage" / f"k{k}"))
-        arrays = {name: root["train"][name] for name in CACHED_FIELDS}
+        arrays = {name: root["train"][name] for name in CACHED_FIELDS if name in root["train"]}
 
         def rate(read_one, views_per_read, opened=lambda: None):
             def measure():

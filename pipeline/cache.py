@@ -331,7 +331,8 @@ def _require_done(root, split, done: zarr.Array, layout: CacheLayout, epoch: int
         )
 
 
-SLAB_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view", "tail_ids", "tail_logprobs")
+SLAB_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view")
+TAIL_FIELDS = ("tail_ids", "tail_logprobs")  # only in caches made with cache.tail_samples > 0
 
 
 class SlabReader:
@@ -355,8 +356,9 @@ class SlabReader:
         self._unit: tuple[int | None, int] | None = None  # the (epoch, group) whose chunks `_decoded` holds
         self._decoded: dict[str, np.ndarray] = {}  # field -> [shards of the unit, P, ...]
 
-    def read(self, epoch: int | None, shard: int, fields: tuple[str, ...] = SLAB_FIELDS) -> dict[str, np.ndarray]:
-        """One shard's slab: `read_slab(root, split, epoch, shard, fields)`."""
+    def read(self, epoch: int | None, shard: int,
+             fields: tuple[str, ...] = SLAB_FIELDS + TAIL_FIELDS) -> dict[str, np.ndarray]:
+        """One shard's slab: `read_slab(root, split, epoch, shard, fields)`; fields the split lacks are left out."""
         group = shard // self.layout.shards_per_unit
         fields = tuple(name for name in fields if name in self.arrays)
         unit = self._load(epoch, group, fields)
@@ -416,7 +418,7 @@ class SlabReader:
 
 
 def read_slab(root: zarr.Group, split: str, epoch: int | None, shard: int,
-              fields: tuple[str, ...] = SLAB_FIELDS) -> dict[str, np.ndarray]:
+              fields: tuple[str, ...] = SLAB_FIELDS + TAIL_FIELDS) -> dict[str, np.ndarray]:
     """One contiguous read of a shard's cached answers ([P, ...] per field). Refuses units that are not done,
     and done units whose chunks are missing or fail their checksum. Readers of many shards keep a
     `SlabReader` instead."""

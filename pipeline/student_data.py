@@ -39,7 +39,7 @@ from pipeline.teacher_cache import library_versions
 
 log = logging.getLogger(__name__)
 
-CACHED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view", "tail_ids", "tail_logprobs")
+CACHED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view") + cache.TAIL_FIELDS
 
 # fingerprint field -> the manifest keys that produce it (for the fix in a mismatch message)
 FINGERPRINT_KEYS = {
