@@ -11,7 +11,8 @@ every complete epoch of that shard:
   class agreement of the top-K as a set and in order, the top-1, and per view the largest
   |p_cached - p_recomputed| over the stored classes, the error of the leftover mass (outside the stored
   classes), and the KL divergence KL(recomputed || cached) over the K stored classes plus the leftover as
-  one bucket (the uniform fill is the same on both sides, so it is left out).
+  one bucket (the uniform fill is the same on both sides, so it is left out). Stored tail draws
+  (`cache.tail_samples`) count among the stored classes for the probability error.
 
 A float16 cache checked on the machine that filled it is off by about 1e-4 in probability and 1e-7 in KL;
 the defaults (2e-3, 2e-3, 1e-3 nats) pass it comfortably and fail a teacher whose logits moved by 1% of
@@ -43,7 +44,7 @@ from pipeline.teacher import Teacher, load_teacher
 from pipeline.teacher_cache import cache_attrs, forward, library_versions, pick_device
 
 ANSWERS = ("topk_logprobs", "topk_ids", "log_leftover")
-FIELDS = {"train": ANSWERS + ("digest", "view"), "val": ANSWERS + ("digest",)}
+FIELDS = {"train": ANSWERS + ("digest", "view") + cache.TAIL_FIELDS, "val": ANSWERS + ("digest",)}
 EXAMPLES = 5  # locations listed per kind of failure
 
 
@@ -177,6 +178,10 @@ def compare_answers(report: SplitReport, stored: dict, logits: np.ndarray, where
     p_cached = np.exp(stored["topk_logprobs"].astype(np.float64))
     m_cached = np.exp(stored["log_leftover"].astype(np.float64)) if k < logits.shape[1] else np.zeros(len(ids))
     prob_error = np.abs(p_cached - p_rec).max(axis=1)
+    if "tail_ids" in stored:  # the tail draws' stored probabilities count among the stored classes
+        tail_rec = np.take_along_axis(log_p.exp().numpy(), stored["tail_ids"].astype(np.int64), axis=1)
+        tail_error = np.abs(np.exp(stored["tail_logprobs"].astype(np.float64)) - tail_rec).max(axis=1)
+        prob_error = np.maximum(prob_error, tail_error)
     leftover_error = np.abs(m_cached - m_rec)
     kl = _bucket_kl(np.column_stack([p_rec, m_rec]), np.column_stack([p_cached, m_cached]))
     rows = np.arange(len(ids))
@@ -258,7 +263,7 @@ class _Verifier:
             x = torch.from_numpy(np.stack(rendered[i:i + batch]))
             logits = forward(self.teacher, x, self.device).float().cpu().numpy()
             rows = kept[i:i + batch]
-            stored = {name: slab[name][rows] for name in ANSWERS}
+            stored = {name: slab[name][rows] for name in ANSWERS + cache.TAIL_FIELDS if name in slab}
             compare_answers(report, stored, logits, places[i:i + batch], self.t)
 
 

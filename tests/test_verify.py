@@ -166,6 +166,18 @@ def _check(stored, logits):
     return report
 
 
+def test_stored_tail_draws_are_checked_against_the_recomputed_teacher():
+    rng = np.random.default_rng(1)
+    z = _confident_logits(rng, n=256)
+    z[:, :50] += 3.0  # a heavier tail, so the drawn classes carry visible mass
+    uniforms = torch.from_numpy(rng.random((len(z), 16)))
+    stored = {name: value.numpy() for name, value in
+              sparse_teacher_answers(torch.from_numpy(z).float(), 10, uniforms).items()}
+    assert not _check(stored, z).violations
+    moved = {**stored, "tail_ids": (stored["tail_ids"] + 1) % 1000}  # each draw now names its neighbour class
+    assert len(_check(moved, z).violations) > len(z) // 4  # the views whose draws carry more than 2e-3
+
+
 @pytest.mark.parametrize("k", [10, 1000])
 def test_probability_thresholds_pass_float16_and_fail_a_perturbed_teacher_or_a_swapped_class(k):
     rng = np.random.default_rng(0)
