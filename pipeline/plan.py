@@ -35,6 +35,7 @@ from pipeline.teacher_cache import forward, layouts_for, pick_device
 
 MEASURED_POSITIONS = 1000  # positions per shard of the measured unit, at most
 TIMED_BATCH = 8  # views per timed teacher forward (the device's batch cost is extrapolated per view)
+MAX_BLOCK_WASTE = 0.2  # share of the disk lost to chunks smaller than a filesystem block before plan says so
 
 
 @dataclass(slots=True)
@@ -47,6 +48,8 @@ class Plan:
     teacher_forwards: int = 0
     seconds_per_view: float | None = None
     device: str = "cpu"
+    compressed_bytes: int = 0  # the same chunks without block rounding
+    better_shards_per_unit: int | None = None  # the fewest shards per unit that waste under MAX_BLOCK_WASTE
 
     @property
     def total_bytes(self) -> int:
@@ -64,15 +67,30 @@ def make_plan(m: Manifest, time_teacher: bool = True) -> Plan:
     val_views = sum(s.samples for s in lists["val"].shards)
     plan = Plan(train_views, val_views, m.cache.epochs, m.student.epochs, teacher_forwards=train_views + val_views)
     block = _block_size(m.cache.path)
+    costs = {split: measured_bytes_per_view(layout, m.views) for split, layout in layouts.items()}
     for split, layout in layouts.items():
-        per_view = measured_bytes_per_view(layout, m.views)
-        for name, nbytes in _split_bytes(layout, lists[split], per_view, block).items():
+        for name, nbytes in _split_bytes(layout, lists[split], costs[split], block).items():
             plan.bytes_by_array[f"{split}/{name}"] = nbytes
+        plan.compressed_bytes += sum(_split_bytes(layout, lists[split], costs[split], 1).values())
+    if 1 - plan.compressed_bytes / plan.total_bytes > MAX_BLOCK_WASTE:
+        plan.better_shards_per_unit = _fewest_shards_per_unit(layouts, lists, costs, block)
     if time_teacher:
         device = pick_device(m.cache.device)
         plan.device = str(device)
         plan.seconds_per_view = time_teacher_forward(m, len(lists["train"].classes), device)
     return plan
+
+
+def _fewest_shards_per_unit(layouts, lists, costs, block: int) -> int | None:
+    """The smallest cache.shards_per_unit whose chunks waste under MAX_BLOCK_WASTE of the disk to block rounding."""
+    most = max(layout.shards for layout in layouts.values())
+    for spu in range(1, most + 1):
+        grouped = {split: replace(layout, shards_per_unit=min(spu, layout.shards)) for split, layout in layouts.items()}
+        disk = sum(sum(_split_bytes(grouped[s], lists[s], costs[s], block).values()) for s in grouped)
+        packed = sum(sum(_split_bytes(grouped[s], lists[s], costs[s], 1).values()) for s in grouped)
+        if 1 - packed / disk <= MAX_BLOCK_WASTE:
+            return spu
+    return None
 
 
 def measured_bytes_per_view(layout: cache.CacheLayout, recipe) -> dict[str, float]:
@@ -172,6 +190,12 @@ def format_plan(m: Manifest, plan: Plan) -> str:
         lines.append(f"    {name.ljust(width)}  {_human(nbytes):>10}")
     per_view = plan.total_bytes / max(plan.train_views + plan.val_views, 1)
     lines.append(f"    {'total'.ljust(width)}  {_human(plan.total_bytes):>10}  ({per_view:.1f} B per cached view)")
+    waste = 1 - plan.compressed_bytes / plan.total_bytes
+    if waste > MAX_BLOCK_WASTE:
+        fix = (f"set cache.shards_per_unit={plan.better_shards_per_unit} (bigger units, fewer and fuller chunks)"
+               if plan.better_shards_per_unit else "use bigger shards: even one unit per epoch leaves chunks small")
+        lines.append(f"    {waste:.0%} of that is filesystem blocks left empty by chunks smaller than a block "
+                     f"({_human(plan.compressed_bytes)} compressed): {fix}")
     lines.append(f"  teacher forwards: {plan.teacher_forwards:,}")
     if plan.seconds_per_view is not None:
         lines.append(f"  teacher time: {plan.seconds_per_view * 1e3:.2f} ms per view on {plan.device} (measured, "

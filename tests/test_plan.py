@@ -47,3 +47,17 @@ def test_plan_command_times_the_teacher_and_prints_the_budget(tmp_path):
     assert "teacher-hours" in result.output and "ms per view on cpu (measured" in result.output
     assert "train/topk_logprobs" in result.output and "total" in result.output
     assert not (tmp_path / "cache").exists()  # nothing computed, nothing written
+
+
+def test_plan_names_the_shards_per_unit_that_stops_small_chunks_wasting_blocks(tmp_path):
+    m = load(TINY, tiny_overrides(tmp_path) + [f"cache.path={tmp_path / 'cache'}", "cache.shards_per_unit=1"])
+    plan = make_plan(m, time_teacher=False)
+    assert 1 - plan.compressed_bytes / plan.total_bytes > 0.2  # tiny shards: every chunk is far under a block
+    text = format_plan(m, plan)
+    if plan.better_shards_per_unit is None:
+        assert "use bigger shards" in text
+    else:
+        assert f"set cache.shards_per_unit={plan.better_shards_per_unit}" in text
+        better = make_plan(load(TINY, tiny_overrides(tmp_path) + [f"cache.path={tmp_path / 'cache'}",
+                                 f"cache.shards_per_unit={plan.better_shards_per_unit}"]), time_teacher=False)
+        assert better.total_bytes < plan.total_bytes
