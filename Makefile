@@ -26,7 +26,7 @@ DISTILL := $(VENV)/bin/distill
 STAMP   := $(VENV)/.installed
 SPEC    := --manifest $(MANIFEST) $(foreach s,$(SET),--set $(s))
 
-.PHONY: install test demo shards shardlist teacher teacher-cache train-student sweep stats \
+.PHONY: install test demo shards shardlist teacher plan teacher-cache train-student sweep stats \
         inspect-view verify-cache bench real-smoke clean have-shards have-teacher have-cache
 
 install: $(STAMP)
@@ -50,6 +50,9 @@ shardlist: $(STAMP)
 
 teacher: have-shards
 	$(DISTILL) teacher $(SPEC) $(ARGS)
+
+plan: have-shards
+	$(DISTILL) plan $(SPEC) $(ARGS)
 
 teacher-cache: have-teacher
 	$(DISTILL) teacher-cache $(SPEC) $(ARGS)

@@ -52,7 +52,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from pipeline import cache, teacher_cache, views
 from pipeline.distributed import World
-from pipeline.losses import deit_loss, mixed_target
+from pipeline.losses import deit_loss, mixed_target, sparse_teacher_answers
 from pipeline.manifest import Manifest, ViewsCfg
 from pipeline.reader import read_shard
 from pipeline.shards import build_shardlist, load_shardlist, write_digits, write_imagefolder
@@ -61,7 +61,7 @@ from pipeline.student_data import CACHED_FIELDS
 from pipeline.teacher import create_model, load_teacher, normalize
 
 SECTIONS = ("storage", "cache_read", "view_replay", "cache_stage", "student")
-STORED_FIELDS = ("topk_logits", "topk_ids", "lse", "view", "digest")  # per view, in the report's order
+STORED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "view", "digest")  # per view, in the report's order
 SHARD_SIZE = 100  # samples per digits shard the bench writes
 VERSIONED = ("torch", "torchvision", "timm", "webdataset", "zarr", "numcodecs", "numpy", "pillow")
 
@@ -297,7 +297,7 @@ def bench_manifest(base: Manifest, work: Path, s: Settings, device: str) -> Mani
 
 
 REFERENCE_CODEC = "blosc-zstd5-shuffle"  # the project's first choice; candidates must keep half its speed
-PER_VIEW_VECTORS = ("topk_logits", "topk_ids", "view")  # fields with a trailing axis per view
+PER_VIEW_VECTORS = ("topk_logprobs", "topk_ids", "view")  # fields with a trailing axis per view
 
 
 def codec_candidates(name: str, dtype: str, ndim: int) -> dict[str, tuple[list, list]]:
@@ -377,18 +377,19 @@ def storage(work: Path, s: Settings) -> dict:
     order = np.argsort(-logits, axis=1, kind="stable")
     lse = torch.logsumexp(torch.from_numpy(logits), dim=1).numpy().reshape(s.shards, s.positions)
     params = imagenet_like_params(rng, s.shards, s.positions)
-    digests = rng.integers(1, 2**64 - 1, size=(s.shards, s.positions), dtype=np.uint64, endpoint=True)
+    digests = rng.integers(1, 2**32 - 1, size=(s.shards, s.positions), dtype=np.uint32, endpoint=True)
     labels = rng.integers(s.classes, size=(s.shards, s.positions)).astype(np.int32)
     top1 = np.exp(logits.max(1) - lse.reshape(-1))
     result = {"views": n, "classes": s.classes, "positions_per_shard": s.positions,
               "chunk_views": s.shards_per_unit * s.positions, "mean_top1_probability": float(top1.mean()),
               "by_k": {}}
     for k in s.top_ks:
-        ids = order[:, :k]
         shape = (s.shards, s.positions, k)
-        fields = {"topk_logits": np.take_along_axis(logits, ids, 1).astype(np.float16).reshape(shape),
-                  "topk_ids": ids.astype(np.uint16 if s.classes <= 65535 else np.int32).reshape(shape),
-                  "lse": lse, "view": params, "digest": digests}
+        answers = sparse_teacher_answers(torch.from_numpy(logits), k)
+        fields = {"topk_logprobs": answers["topk_logprobs"].numpy().reshape(shape),
+                  "topk_ids": answers["topk_ids"].numpy().astype(np.uint16 if s.classes <= 65535 else np.int32).reshape(shape),
+                  "log_leftover": answers["log_leftover"].numpy().reshape(shape[:2]), "view": params, "digest": digests}
+        stored = {name: cache.CODECS[name][0](v) if name in cache.CODECS else v for name, v in fields.items()}
         layout = cache.CacheLayout(shards=s.shards, positions=s.positions, top_k=k, num_classes=s.classes,
                                    n_params=views.N_PARAMS, shards_per_unit=s.shards_per_unit, epochs=1)
         path = work / "storage" / f"k{k}"
@@ -408,13 +409,13 @@ def storage(work: Path, s: Settings) -> dict:
         metadata = sum(f.stat().st_size for f in path.rglob("zarr.json"))
         candidates = {}
         for name in STORED_FIELDS:
-            if name in ("topk_logits", "topk_ids") or k == s.top_ks[0]:  # the others do not depend on K
-                chunks = (s.shards_per_unit,) + fields[name].shape[1:]
-                candidates[name] = compare_codecs(work / "codecs" / f"k{k}", name, fields[name], chunks)
+            if name in ("topk_logprobs", "topk_ids") or k == s.top_ks[0]:  # the others do not depend on K
+                chunks = (s.shards_per_unit,) + stored[name].shape[1:]
+                candidates[name] = compare_codecs(work / "codecs" / f"k{k}", name, stored[name], chunks)
         result["by_k"][str(k)] = {
             "bytes_per_view": per_field, "total": total, "tinyvit": tinyvit_bytes(k),
-            "topk_only": per_field["topk_logits"] + per_field["topk_ids"],
-            "raw_bytes_per_view": {name: fields[name][0, 0].nbytes for name in STORED_FIELDS},
+            "topk_only": per_field["topk_logprobs"] + per_field["topk_ids"],
+            "raw_bytes_per_view": {name: stored[name][0, 0].nbytes for name in STORED_FIELDS},
             "labels_per_sample": chunk_bytes(path / "train" / "labels") / n,
             "metadata_bytes": metadata,
             "in_use": {name: describe_codecs(root["train"][name]) for name in STORED_FIELDS},
@@ -466,7 +467,7 @@ def cache_read(work: Path, s: Settings) -> dict:
     out = {}
     for k in [k for k in s.top_ks if k in (10, 100)] or s.top_ks:
         root = cache.open_cache(str(work / "storage" / f"k{k}"))
-        arrays = {name: root["train"][name] for name in CACHED_FIELDS}
+        arrays = {name: root["train"][name] for name in CACHED_FIELDS if name in root["train"]}
 
         def rate(read_one, views_per_read, opened=lambda: None):
             def measure():
@@ -640,9 +641,8 @@ def model_steps(m: Manifest, s: Settings, device: torch.device) -> dict[str, Cal
     teacher_u8 = torch.randint(0, 256, (b, m.teacher.img_size, m.teacher.img_size, 3), dtype=torch.uint8, generator=gen)
     labels = torch.randint(num_classes, (b,), generator=gen).to(device)
     k = m.cache.top_k
-    answers = {"topk_logits": torch.randn(b, k, generator=gen).sort(1, descending=True).values.half().to(device),
-               "topk_ids": torch.stack([torch.randperm(num_classes, generator=gen)[:k] for _ in range(b)]).to(device),
-               "lse": torch.randn(b, generator=gen).to(device)}
+    answers = {name: value.to(device) for name, value in
+               sparse_teacher_answers(torch.randn(b, num_classes, generator=gen) * 3, k).items()}
     target = mixed_target(labels, labels.roll(1), torch.full((b,), 0.7, device=device), num_classes,
                           m.student.smoothing)
 
@@ -961,7 +961,7 @@ def _storage_md(sg: dict) -> list[str]:
             if field not in e["candidates"]:
                 continue
             c = e["candidates"][field]
-            cand_rows.append([field, k if field in ("topk_logits", "topk_ids") else "any"] + [
+            cand_rows.append([field, k if field in ("topk_logprobs", "topk_ids") else "any"] + [
                 f"{_num(c[n]['bytes_per_view'])} ({c[n]['encode_views_per_s'] / 1e3:.0f} / "
                 f"{c[n]['decode_views_per_s'] / 1e3:.0f})" if n in c else "-" for n in names])
     lines += _table(["field", "K", *names], cand_rows)

@@ -1,16 +1,26 @@
 """The teacher cache: one Zarr v3 group, its layout, its attributes, and the unit write/read rules.
 
-Layout (E cached epochs, S train shards, P = longest train shard, K = top-K, N = view-parameter count)::
+Layout, schema distill-cache/2 (E cached epochs, S train shards, P = longest train shard, K = top-K, B =
+`pipeline.views.PARAM_BYTES`)::
 
     <cache>/zarr.json                  attributes: schema, fingerprint, K, classes, teacher, recipe, versions ...
-    train/topk_logits   float16 [E, S, P, K]   raw teacher logits, sorted descending
+    train/topk_logprobs float16 [E, S, P, K]   the teacher's top-K log-probabilities z - logsumexp(z), descending
     train/topk_ids      uint16|int32 [E, S, P, K]  their class ids (uint16 up to 65,535 classes)
-    train/lse           float32 [E, S, P]      logsumexp of the full logit vector
-    train/view          float32 [E, S, P, N]   the explicit view parameters (`pipeline.views.PARAM_FIELDS`)
-    train/digest        uint64  [E, S, P]      64-bit digest of the teacher's uint8 view; 0 = no view here
+    train/log_leftover  uint16  [E, S, P]      log of the mass outside the top-K, as -round(1024 log m)
+    train/view          uint8   [E, S, P, B]   the quantised view parameters (`pipeline.views.encode_params`)
+    train/digest        uint32  [E, S, P]      32-bit digest of the teacher's uint8 view; 0 = no view here
+    train/tail_ids      uint16|int32 [E, S, P, T]  with cache.tail_samples = T: classes drawn from the tail
+    train/tail_logprobs float16 [E, S, P, T]   (the teacher's distribution outside the top-K), and their log-probs
     train/labels        int32   [S, P]         ground-truth labels (written by the epoch-0 units)
     train/done          uint8   [E, G]         1 once unit (epoch, shard group) is durable
-    val/topk_logits, val/topk_ids, val/lse, val/digest [Sv, Pv, ...], val/labels, val/done [Gv]
+    val/topk_logprobs, val/topk_ids, val/log_leftover, val/digest [Sv, Pv, ...], val/labels, val/done [Gv]
+
+Why log-probabilities and a separate leftover: for a confident teacher the leftover `1 - sum_i p_i` is a
+difference of nearly equal numbers, which float16 logits (v1) destroyed. float16 log-probabilities keep each
+p_i to a relative 2**-11 |log p_i|, and the leftover stored on its own, in fixed point of its logarithm (steps
+of 1/1024, so relative error at most 2**-11 = 4.9e-4 down to m = e**-64; the code 65535 means "nothing left"),
+does not depend on them (tests/test_cache_format.py proves both against float64). Readers get decoded values:
+`log_leftover` float32 (-inf for "nothing left") and `view` float32 [.., N_PARAMS]; `write_unit` takes the same.
 
 A work unit is (epoch, group of `shards_per_unit` consecutive shards) and owns whole chunks of every array
 (chunk shape (1, shards_per_unit, P, ...)), so exactly one writer ever touches a chunk: zarr-python loses
@@ -37,11 +47,34 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 from zarr.core.sync import sync
 
-SCHEMA = "distill-cache/1"
+from pipeline import views
+
+SCHEMA = "distill-cache/2"
 SPLITS = ("train", "val")
+LEFTOVER_SCALE = 1024  # log_leftover is stored as round(-log(m) * LEFTOVER_SCALE)
+LEFTOVER_NONE = 65535  # ... and this code means no mass outside the top-K (K = C, or m < e**-64)
+
+
+def encode_log_leftover(log_leftover: np.ndarray) -> np.ndarray:
+    """log of the leftover mass (float, <= 0, -inf for none) -> the stored uint16 code."""
+    code = np.rint(-np.asarray(log_leftover, np.float64) * LEFTOVER_SCALE)
+    return np.where(np.isfinite(code) & (code < LEFTOVER_NONE), np.clip(code, 0, None), LEFTOVER_NONE).astype(np.uint16)
+
+
+def decode_log_leftover(code: np.ndarray) -> np.ndarray:
+    """The stored uint16 code -> float32 log of the leftover mass (-inf for none)."""
+    code = np.asarray(code)
+    return np.where(code == LEFTOVER_NONE, -np.inf, -code.astype(np.float64) / LEFTOVER_SCALE).astype(np.float32)
+
+
+# fields whose stored form differs from what readers and writers hand over: name -> (encode, decode)
+CODECS = {
+    "log_leftover": (encode_log_leftover, decode_log_leftover),
+    "view": (views.encode_params, views.decode_params),
+}
 
 
 class CacheError(RuntimeError):
@@ -59,6 +92,7 @@ class CacheLayout:
     n_params: int
     shards_per_unit: int
     epochs: int | None
+    tail_samples: int = 0  # T classes per view drawn from the teacher's tail (`losses.sparse_teacher_answers`)
 
     @property
     def groups(self) -> int:
@@ -74,15 +108,19 @@ class CacheLayout:
 
 def _compressors(name: str, dtype: str) -> list:
     # zstd inside blosc, then a crc32c so a flipped byte is caught on read. Chosen by measurement (`make bench`,
-    # BENCHMARKS.md section 4): bit-shuffle for the class ids (their high bits are zero: smaller and faster to
-    # write than byte-shuffle), byte-shuffle for the rest; zstd level 5 (level 9 writes 10-30x slower)
-    shuffle = "bitshuffle" if name == "topk_ids" else "shuffle"
+    # BENCHMARKS.md storage section): bit-shuffle for the class ids (their high bits are zero: smaller and faster
+    # to write than byte-shuffle), byte-shuffle for the rest; zstd level 5 (level 9 writes 10-30x slower). The
+    # view records (48 B a view, byte columns after the transpose) take plain zstd at level 19: 5% smaller than
+    # blosc's level 5 there, and a unit's records are small enough that the slower level costs milliseconds
+    if name == "view":
+        return [ZstdCodec(level=19), Crc32cCodec()]
+    shuffle = "bitshuffle" if name in ("topk_ids", "tail_ids") else "shuffle"
     return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
 
 
 def _filters(name: str, ndim: int) -> list:
-    # the view parameters are laid out field-major inside a chunk (last two axes swapped) so each field's values
-    # lie together: about 10% smaller and faster to write (BENCHMARKS.md section 4); lossless, readers see no change
+    # the view records are laid out byte-column-major inside a chunk (last two axes swapped) so each field's bytes
+    # lie together (a byte shuffle per field): smaller and faster to write (BENCHMARKS.md); lossless
     return [TransposeCodec(order=(*range(ndim - 2), ndim - 1, ndim - 2))] if name == "view" else []
 
 
@@ -92,15 +130,18 @@ def _array_specs(layout: CacheLayout) -> dict[str, tuple[tuple, tuple, str]]:
     e1 = () if layout.epochs is None else (1,)
     s, p, k, u = layout.shards, layout.positions, layout.top_k, layout.shards_per_unit
     specs = {
-        "topk_logits": (e + (s, p, k), e1 + (u, p, k), "float16"),
+        "topk_logprobs": (e + (s, p, k), e1 + (u, p, k), "float16"),
         "topk_ids": (e + (s, p, k), e1 + (u, p, k), layout.id_dtype),
-        "lse": (e + (s, p), e1 + (u, p), "float32"),
-        "digest": (e + (s, p), e1 + (u, p), "uint64"),
+        "log_leftover": (e + (s, p), e1 + (u, p), "uint16"),
+        "digest": (e + (s, p), e1 + (u, p), "uint32"),
         "labels": ((s, p), (u, p), "int32"),
+        **({"tail_ids": (e + (s, p, layout.tail_samples), e1 + (u, p, layout.tail_samples), layout.id_dtype),
+            "tail_logprobs": (e + (s, p, layout.tail_samples), e1 + (u, p, layout.tail_samples), "float16")}
+           if layout.tail_samples else {}),
         "done": (e + (layout.groups,), e1 + (1,), "uint8"),
     }
     if layout.epochs is not None:
-        specs["view"] = (e + (s, p, layout.n_params), e1 + (u, p, layout.n_params), "float32")
+        specs["view"] = (e + (s, p, views.PARAM_BYTES), e1 + (u, p, views.PARAM_BYTES), "uint8")
     return specs
 
 
@@ -112,6 +153,7 @@ def create(path: str, layouts: dict[str, CacheLayout], attrs: dict[str, Any]) ->
     created them first) are checked against the layout and kept; the attributes are written last."""
     root = zarr.open_group(store_url(path), mode="a")
     if SCHEMA_KEY in root.attrs:
+        _check_schema(root, path)
         check_fingerprint(root, attrs)
         want = layouts["train"].epochs
         grown = False
@@ -179,21 +221,33 @@ def open_cache(path: str, mode: str = "r") -> zarr.Group:
         root = zarr.open_group(store_url(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise CacheError(f"no teacher cache at {path}: run `make teacher-cache` first (or pass CACHE=...)") from e
-    if root.attrs.get(SCHEMA_KEY) != SCHEMA:
-        raise CacheError(f"{path} is not a teacher cache of schema {SCHEMA} (found {root.attrs.get(SCHEMA_KEY)!r})")
+    _check_schema(root, path)
     return root
+
+
+def _check_schema(root: zarr.Group, path: str) -> None:
+    found = root.attrs.get(SCHEMA_KEY)
+    if found == "distill-cache/1":
+        raise CacheError(
+            f"{path} is a teacher cache of schema distill-cache/1, which stored float16 raw logits: for a confident "
+            f"teacher their leftover mass is lost, so this version reads only {SCHEMA}. Rebuild it: move or delete "
+            f"{path} and run `make teacher-cache` (`distill teacher-cache --manifest M`)")
+    if found != SCHEMA:
+        raise CacheError(f"{path} is not a teacher cache of schema {SCHEMA} (found {found!r}): point cache.path at "
+                         f"a cache made by `make teacher-cache`")
 
 
 def layout_of(root: zarr.Group, split: str) -> CacheLayout:
     grp = root[split]
-    logits = grp["topk_logits"]
+    logits = grp["topk_logprobs"]
     has_epochs = split == "train"
     shape = logits.shape[1:] if has_epochs else logits.shape
     return CacheLayout(
         shards=shape[0], positions=shape[1], top_k=shape[2], num_classes=len(root.attrs["classes"]),
-        n_params=grp["view"].shape[-1] if has_epochs else 0,
+        n_params=views.N_PARAMS if has_epochs else 0,
         shards_per_unit=logits.chunks[1] if has_epochs else logits.chunks[0],
         epochs=logits.shape[0] if has_epochs else None,
+        tail_samples=grp["tail_ids"].shape[-1] if "tail_ids" in grp else 0,
     )
 
 
@@ -209,7 +263,8 @@ def unit_region(layout: CacheLayout, epoch: int | None, group: int) -> tuple:
 
 
 def write_unit(root: zarr.Group, split: str, epoch: int | None, group: int, data: dict[str, np.ndarray]) -> None:
-    """Write one unit's arrays (each shaped [shards in group, P, ...]), make them durable, then mark it done.
+    """Write one unit's arrays (each shaped [shards in group, P, ...], decoded values: `CODECS`), make them
+    durable, then mark it done.
 
     `labels` is written only by the epoch-0 unit (or the val unit), so its chunks also have one writer.
     Chunks are written even when they hold only the fill value, so a done unit's chunks all exist. A failed
@@ -220,6 +275,8 @@ def write_unit(root: zarr.Group, split: str, epoch: int | None, group: int, data
     try:
         for name, values in data.items():
             arr = grp[name].with_config({"write_empty_chunks": True})
+            if name in CODECS:
+                values = CODECS[name][0](values)
             if name == "labels":
                 if epoch in (None, 0):
                     arr[region[-1]] = values
@@ -274,7 +331,8 @@ def _require_done(root, split, done: zarr.Array, layout: CacheLayout, epoch: int
         )
 
 
-SLAB_FIELDS = ("topk_logits", "topk_ids", "lse", "digest", "view")
+SLAB_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view")
+TAIL_FIELDS = ("tail_ids", "tail_logprobs")  # only in caches made with cache.tail_samples > 0
 
 
 class SlabReader:
@@ -298,13 +356,15 @@ class SlabReader:
         self._unit: tuple[int | None, int] | None = None  # the (epoch, group) whose chunks `_decoded` holds
         self._decoded: dict[str, np.ndarray] = {}  # field -> [shards of the unit, P, ...]
 
-    def read(self, epoch: int | None, shard: int, fields: tuple[str, ...] = SLAB_FIELDS) -> dict[str, np.ndarray]:
-        """One shard's slab: `read_slab(root, split, epoch, shard, fields)`."""
+    def read(self, epoch: int | None, shard: int,
+             fields: tuple[str, ...] = SLAB_FIELDS + TAIL_FIELDS) -> dict[str, np.ndarray]:
+        """One shard's slab: `read_slab(root, split, epoch, shard, fields)`; fields the split lacks are left out."""
         group = shard // self.layout.shards_per_unit
         fields = tuple(name for name in fields if name in self.arrays)
         unit = self._load(epoch, group, fields)
         row = shard - self.layout.group_shards(group).start
-        return {name: unit[name][row].copy() for name in fields}
+        return {name: CODECS[name][1](unit[name][row]) if name in CODECS else unit[name][row].copy()
+                for name in fields}
 
     def _load(self, epoch: int | None, group: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
         """The unit's chunks of `fields` ([shards of the unit, P, ...] each), checked first."""
@@ -358,7 +418,7 @@ class SlabReader:
 
 
 def read_slab(root: zarr.Group, split: str, epoch: int | None, shard: int,
-              fields: tuple[str, ...] = SLAB_FIELDS) -> dict[str, np.ndarray]:
+              fields: tuple[str, ...] = SLAB_FIELDS + TAIL_FIELDS) -> dict[str, np.ndarray]:
     """One contiguous read of a shard's cached answers ([P, ...] per field). Refuses units that are not done,
     and done units whose chunks are missing or fail their checksum. Readers of many shards keep a
     `SlabReader` instead."""

@@ -39,7 +39,7 @@ class InspectedView:
     student_view: np.ndarray | None  # the same view at the student's size, when that differs
     stored_digest: int
     replayed_digest: int
-    topk: list[tuple[int, str, float, float]]  # (class id, class name, logit, probability exp(z - lse))
+    topk: list[tuple[int, str, float, float]]  # (class id, class name, log-probability, probability)
     source: np.ndarray | None = None  # uint8 [H, W, 3]: the sample's decoded image
     partner_source: np.ndarray | None = None  # the mix partner's decoded image (None when not mixed)
     partner_params: dict | None = None  # views.describe of the partner's own view parameters
@@ -100,9 +100,8 @@ def inspect(root, shardlist: ShardList, epoch: int, shard: int, pos: int,
     teacher_size = int(root.attrs["teacher_size"])
     teacher_view = render(teacher_size)
     classes = root.attrs["classes"]
-    lse = float(slab["lse"][pos])
-    topk = [(int(i), classes[int(i)], float(z), float(np.exp(np.float32(z) - np.float32(lse))))
-            for i, z in zip(slab["topk_ids"][pos], slab["topk_logits"][pos])]
+    topk = [(int(i), classes[int(i)], float(lp), float(np.exp(np.float32(lp))))
+            for i, lp in zip(slab["topk_ids"][pos], slab["topk_logprobs"][pos])]
     mixed = partner != pos
 
     def rgb(image) -> np.ndarray:

@@ -1,20 +1,23 @@
 """Stage-2 losses: the mixed ground truth, soft targets rebuilt from the sparse cache, and DeiT's loss.
 
-The cache holds, per view, the teacher's top-K raw logits (float16, sorted descending), their class ids and
-the logsumexp of the full logit vector (float32). `sparse_teacher_log_probs` turns that back into a full
-distribution; `deit_loss` follows facebookresearch/deit `losses.py` (`DistillationLoss`) with the teacher's
-forward pass replaced by that reconstruction, so a cache with K equal to the class count gives DeiT's loss
-on the stored logits.
+The cache holds, per view, the teacher's top-K log-probabilities (float16, sorted descending), their class
+ids and the log of the probability mass outside the top-K (`log_leftover`). `sparse_teacher_log_probs` turns
+that back into a full distribution; `deit_loss` follows facebookresearch/deit `losses.py`
+(`DistillationLoss`) with the teacher's forward pass replaced by that reconstruction, so a cache with K equal
+to the class count gives DeiT's loss on the stored log-probabilities.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from timm.data.mixup import one_hot
 from timm.loss import SoftTargetCrossEntropy
+
+from pipeline.cache import LEFTOVER_NONE, LEFTOVER_SCALE
 
 soft_target_cross_entropy = SoftTargetCrossEntropy()
 
@@ -40,50 +43,100 @@ def mixed_target(
 
 
 def sparse_teacher_log_probs(
-    topk_logits: torch.Tensor,
+    topk_logprobs: torch.Tensor,
     topk_ids: torch.Tensor,
-    lse: torch.Tensor,
+    log_leftover: torch.Tensor,
     num_classes: int,
     tau: float = 1.0,
 ) -> torch.Tensor:
-    """The teacher's [B, C] log-probabilities at temperature `tau`, rebuilt from its cached top-K logits.
+    """The teacher's [B, C] log-probabilities at temperature `tau`, rebuilt from its cached top-K.
 
-    Each of the C-K classes outside the top-K gets the uniform-equivalent logit
-    `z_u = lse + log(m / (C - K))`, where `m = 1 - sum_i exp(z_i - lse)` is the leftover probability mass;
-    the result is `log_softmax(completed / tau)`. At tau = 1 this is exactly the top-K probabilities
-    `exp(z_i - lse)` plus the leftover spread uniformly; with K = C it is exactly the softmax of the stored
-    logits at any tau (the logsumexp is then not needed).
+    Each of the C-K classes outside the top-K gets the uniform-equivalent log-probability
+    `log_leftover - log(C - K)` (the leftover mass m spread evenly); the top-K keep theirs; the result is
+    `log_softmax(completed / tau)`. At tau = 1 this is the top-K probabilities plus the leftover spread
+    uniformly (renormalised, which absorbs the float16 rounding); with K = C it is exactly the softmax of the
+    stored log-probabilities at any tau (the leftover is then not used). Since log-probabilities are logits
+    shifted by a constant per view, dividing them by tau is the teacher's softmax at tau.
 
-    float16 rounding can push the top-K mass slightly above 1: the leftover is clamped at 0, the missing
-    classes get probability 0 (a finite, very negative log-probability, so KL stays finite) and the
-    softmax renormalises the top-K. Computed in float32 whatever the input dtypes (ids may be uint16).
+    A leftover of -inf (nothing outside the top-K) gives the missing classes probability 0 (a finite, very
+    negative log-probability, so KL stays finite). Computed in float32 whatever the input dtypes.
     """
     if tau <= 0:
         raise ValueError(f"distillation temperature tau must be > 0, got {tau}; set student.tau above 0")
-    if topk_logits.ndim != 2 or topk_ids.shape != topk_logits.shape or lse.shape != topk_logits.shape[:1]:
+    if topk_logprobs.ndim != 2 or topk_ids.shape != topk_logprobs.shape or log_leftover.shape != topk_logprobs.shape[:1]:
         raise ValueError(
-            f"cached teacher answers have mismatched shapes: topk_logits {tuple(topk_logits.shape)}, "
-            f"topk_ids {tuple(topk_ids.shape)}, lse {tuple(lse.shape)}; expected [B, K], [B, K] and [B]"
+            f"cached teacher answers have mismatched shapes: topk_logprobs {tuple(topk_logprobs.shape)}, "
+            f"topk_ids {tuple(topk_ids.shape)}, log_leftover {tuple(log_leftover.shape)}; expected [B, K], [B, K] and [B]"
         )
-    k = topk_logits.shape[1]
+    k = topk_logprobs.shape[1]
     if k > num_classes:
         raise ValueError(
-            f"the cache stores K={k} logits per view but the student has num_classes={num_classes}; "
+            f"the cache stores K={k} classes per view but the student has num_classes={num_classes}; "
             f"K must not exceed the class count (check the cache's class map against the student's)"
         )
-    logits = topk_logits.float()
-    ids = topk_ids.long()
+    log_probs = topk_logprobs.float()
     missing = num_classes - k
     if missing == 0:
-        completed = torch.full(logits.shape, float("-inf"), device=logits.device)
+        completed = torch.full(log_probs.shape, float("-inf"), device=log_probs.device)
     else:
-        lse = lse.float().unsqueeze(1)
-        leftover = (1.0 - torch.exp(logits - lse).sum(dim=1, keepdim=True)).clamp_min(0.0)
-        uniform_logit = lse + torch.log(leftover / missing)  # -inf where nothing is left over
-        completed = uniform_logit.expand(-1, num_classes).clone()
-    completed.scatter_(1, ids, logits)
-    log_probs = F.log_softmax(completed / tau, dim=1)
-    return log_probs.clamp_min(torch.finfo(torch.float32).min)
+        uniform = log_leftover.float().unsqueeze(1) - math.log(missing)  # -inf where nothing is left over
+        completed = uniform.expand(-1, num_classes).clone()
+    completed.scatter_(1, topk_ids.long(), log_probs)
+    out = F.log_softmax(completed / tau, dim=1)
+    return out.clamp_min(torch.finfo(torch.float32).min)
+
+
+def sparse_teacher_answers(logits: torch.Tensor, top_k: int,
+                           tail_uniforms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What the cache stores and hands back for full teacher logits [B, C], computed on their device: the top-K
+    log-probabilities (float16, descending), their ids, and the log of the mass outside the top-K on the stored
+    grid (`cache.LEFTOVER_SCALE`; -inf for none). The leftover is a logsumexp over the other classes, never
+    `1 - sum(top-K)`, so a confident teacher's tiny leftover keeps its relative precision. Stage 1 writes
+    these; an online teacher truncated to K uses them too, so both give the student the very same targets.
+
+    With `tail_uniforms` [B, T] (numbers in [0, 1)), also T classes drawn with replacement from the tail, the
+    teacher's distribution outside the top-K (`tail_ids`, by inverse CDF, so the draws are the uniforms'
+    alone), and their log-probabilities (`tail_logprobs`, float16): what `sparse_soft_target` needs for an
+    unbiased estimate of the full soft loss (Anshumann et al., ACL 2025, "Sparse Logit Sampling")."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=1)
+    top_v, top_i = logits.topk(top_k, dim=1)
+    rest = logits.scatter(1, top_i, float("-inf"))
+    code = torch.round(-(torch.logsumexp(rest, dim=1) - lse) * LEFTOVER_SCALE).clamp_min(0)
+    none = ~torch.isfinite(code) | (code >= LEFTOVER_NONE)
+    log_leftover = torch.where(none, torch.full_like(code, float("-inf")), -code / LEFTOVER_SCALE)
+    out = {"topk_logprobs": (top_v - lse.unsqueeze(1)).half(), "topk_ids": top_i, "log_leftover": log_leftover}
+    if tail_uniforms is not None:
+        tail = torch.softmax(rest.double(), dim=1)  # zero on the top-K
+        cdf = tail.cumsum(dim=1)
+        drawn = torch.searchsorted(cdf, tail_uniforms.double() * cdf[:, -1:], right=True)
+        drawn = drawn.clamp_max(logits.shape[1] - 1)
+        out["tail_ids"] = drawn
+        out["tail_logprobs"] = (logits.gather(1, drawn) - lse.unsqueeze(1)).half()
+    return out
+
+
+def sampled_teacher_target(cached: Mapping[str, torch.Tensor], num_classes: int,
+                           tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's [B, C] target at temperature `tau` from the top-K plus the T classes drawn from its tail
+    (`tail_ids`, `tail_logprobs`): (q_hat, log_q). q_hat keeps the top-K weights p_i^(1/tau) and gives each
+    draw the importance weight (m / T) p_j^(1/tau) / p_j (m = leftover mass), normalised per view; log_q is
+    the teacher's own tempered log-probability at the classes q_hat covers (-inf elsewhere).
+
+    At tau = 1 the weights sum to 1 (up to float16 rounding) and E[q_hat] = p exactly, so the soft loss
+    -sum q_hat log s and its gradient softmax(s) - q_hat are unbiased estimates of the full ones (Anshumann
+    et al., ACL 2025); at other tau the normalisation makes it a self-normalised estimate (consistent in T,
+    with a bias of order 1/T). The uniform fill of `sparse_teacher_log_probs` is biased at every tau."""
+    lp = cached["topk_logprobs"].float()
+    tail_lp = cached["tail_logprobs"].float()
+    top_ids, tail_ids = cached["topk_ids"].long(), cached["tail_ids"].long()
+    leftover = cached["log_leftover"].float().exp().unsqueeze(1)
+    tail_weight = leftover / tail_ids.shape[1] * torch.exp(tail_lp * (1.0 / tau - 1.0))
+    weights = torch.zeros(lp.shape[0], num_classes, device=lp.device)
+    weights = weights.scatter(1, top_ids, torch.exp(lp / tau)).scatter_add(1, tail_ids, tail_weight)
+    total = weights.sum(dim=1, keepdim=True)
+    log_q = torch.full_like(weights, float("-inf")).scatter(1, tail_ids, tail_lp / tau).scatter(1, top_ids, lp / tau)
+    return weights / total, log_q - total.log()
 
 
 def teacher_argmax(topk_ids: torch.Tensor) -> torch.Tensor:
@@ -106,16 +159,21 @@ def _ground_truth_part(dist_logits, target, cached, tau, labelled):
 
 
 def _soft_part(dist_logits, target, cached, tau, labelled):
-    """KL(teacher || student) at temperature tau, with DeiT's reduction.
+    """KL(teacher || student) at temperature tau, with DeiT's reduction. With tail samples in the cache, the
+    teacher is `sampled_teacher_target` (unbiased); otherwise the top-K with the uniform fill.
 
     DeiT sums the KL over batch and classes and divides by `dist_logits.numel()` = B * C, i.e. the usual
     batch-mean KL divided by C as well (facebookresearch/deit issue #61). That legacy scale is kept on
     purpose so alpha and tau mean what they mean in DeiT's recipes.
     """
-    teacher = sparse_teacher_log_probs(
-        cached["topk_logits"], cached["topk_ids"], cached["lse"], dist_logits.shape[1], tau
-    )
     student = F.log_softmax(dist_logits.float() / tau, dim=1)
+    if "tail_ids" in cached:
+        q_hat, log_q = sampled_teacher_target(cached, dist_logits.shape[1], tau)
+        terms = torch.where(q_hat > 0, q_hat * (log_q - student), torch.zeros_like(q_hat))
+        return terms.sum() * (tau * tau) / dist_logits.numel()
+    teacher = sparse_teacher_log_probs(
+        cached["topk_logprobs"], cached["topk_ids"], cached["log_leftover"], dist_logits.shape[1], tau
+    )
     return F.kl_div(student, teacher, reduction="sum", log_target=True) * (tau * tau) / dist_logits.numel()
 
 
@@ -145,7 +203,7 @@ GROUND_TRUTH_MODES = ("none", "deit_none")  # modes that never read the teacher'
 # The head whose top-1 is a mode's headline: DeiT evaluates a model trained without distillation on its class
 # head (its `none` trains no distillation head); a distilled model on the average of both heads.
 HEADLINE_HEAD = {"none": "joint", "soft": "joint", "hard": "joint", "deit_none": "class"}
-CACHED_FIELDS = ("topk_logits", "topk_ids", "lse")
+CACHED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover")
 
 
 def deit_loss(
@@ -161,7 +219,7 @@ def deit_loss(
     """DeiT's distillation loss on the two heads; returns the named parts `loss`, `base`, `distill`.
 
     `target` is the [B, C] mixed, smoothed ground truth; `cached` holds the teacher's answers for these
-    exact views (`topk_logits`, `topk_ids`, `lse`; unused, and may be None, in the ground-truth modes).
+    exact views (`topk_logprobs`, `topk_ids`, `log_leftover`; unused, and may be None, in the ground-truth modes).
     `base` is soft-target cross-entropy of the class head on `target`. For "soft" and "hard",
     `loss = (1 - alpha) * base + alpha * distill` as in DeiT. Two baselines without a teacher:
     "none" (this project's, both heads on the ground truth): the student keeps both heads (one model for every

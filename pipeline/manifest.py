@@ -135,6 +135,8 @@ class CacheCfg:
     workers: int = 0
     shards_per_unit: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tail_samples: int = 0  # classes drawn per train view from the teacher's tail (unbiased soft targets)
+    compile: bool = False  # torch.compile the teacher in stage 1 (pays off on a GPU over many batches)
 
 
 @dataclass(slots=True)

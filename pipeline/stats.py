@@ -52,17 +52,18 @@ class StatsError(ValueError):
 # --------------------------------------------------------------------------------------------- distributions
 
 
-def topk_mass(topk_logits: np.ndarray, lse: np.ndarray) -> np.ndarray:
-    """The probability the cached top-K holds per view: sum_i exp(z_i - lse) ([..., K], [...] -> [...])."""
-    return np.exp(topk_logits.astype(np.float32) - lse[..., None].astype(np.float32)).sum(-1)
+def topk_mass(topk_logprobs: np.ndarray) -> np.ndarray:
+    """The probability the cached top-K holds per view: sum_i exp(log p_i) ([..., K] -> [...])."""
+    return np.exp(topk_logprobs.astype(np.float32)).sum(-1)
 
 
-def teacher_entropy(topk_logits: np.ndarray, topk_ids: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
+def teacher_entropy(topk_logprobs: np.ndarray, topk_ids: np.ndarray, log_leftover: np.ndarray,
+                    num_classes: int) -> np.ndarray:
     """Entropy (nats) of the teacher distribution rebuilt from the sparse cache at tau = 1, per view [B]."""
-    if not len(lse):
+    if not len(log_leftover):
         return np.zeros(0, np.float32)
-    log_p = sparse_teacher_log_probs(torch.from_numpy(topk_logits), torch.from_numpy(topk_ids.astype(np.int64)),
-                                     torch.from_numpy(lse), num_classes)
+    log_p = sparse_teacher_log_probs(torch.from_numpy(topk_logprobs), torch.from_numpy(topk_ids.astype(np.int64)),
+                                     torch.from_numpy(log_leftover), num_classes)
     return -(log_p.exp() * log_p).sum(1).numpy()
 
 
@@ -119,11 +120,11 @@ def train_statistics(root, bar: tqdm | None = None) -> dict:
             groups += 1
             for shard in layout.group_shards(int(group)):
                 slab = cache.read_slab(root, "train", epoch, shard,
-                                       ("topk_logits", "topk_ids", "lse", "digest", "view"))
+                                       ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view"))
                 present = slab["digest"] != 0
-                mass.append(topk_mass(slab["topk_logits"][present], slab["lse"][present]))
-                entropy.append(teacher_entropy(slab["topk_logits"][present], slab["topk_ids"][present],
-                                               slab["lse"][present], layout.num_classes))
+                mass.append(topk_mass(slab["topk_logprobs"][present]))
+                entropy.append(teacher_entropy(slab["topk_logprobs"][present], slab["topk_ids"][present],
+                                               slab["log_leftover"][present], layout.num_classes))
                 target = dominant_labels(labels[shard], slab["view"], fields)
                 known = present & (labels[shard] >= 0)
                 correct += int((slab["topk_ids"][known, 0] == target[known]).sum())
@@ -158,13 +159,13 @@ def val_answers(root, bar: tqdm | None = None) -> dict[str, np.ndarray]:
     mass, entropy = [], []
     for group in np.flatnonzero(done):
         for shard in layout.group_shards(int(group)):
-            slab = cache.read_slab(root, "val", None, shard, ("topk_logits", "topk_ids", "lse", "digest"))
+            slab = cache.read_slab(root, "val", None, shard, ("topk_logprobs", "topk_ids", "log_leftover", "digest"))
             here = slab["digest"] != 0
             present[shard] = here
             top1[shard] = slab["topk_ids"][:, 0]
-            mass.append(topk_mass(slab["topk_logits"][here], slab["lse"][here]))
-            entropy.append(teacher_entropy(slab["topk_logits"][here], slab["topk_ids"][here], slab["lse"][here],
-                                           layout.num_classes))
+            mass.append(topk_mass(slab["topk_logprobs"][here]))
+            entropy.append(teacher_entropy(slab["topk_logprobs"][here], slab["topk_ids"][here],
+                                           slab["log_leftover"][here], layout.num_classes))
         if bar is not None:
             bar.update()
     labels = cache.read_labels(root, "val").astype(np.int64)

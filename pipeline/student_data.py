@@ -41,7 +41,7 @@ from pipeline.teacher_cache import library_versions
 
 log = logging.getLogger(__name__)
 
-CACHED_FIELDS = ("topk_logits", "topk_ids", "lse", "digest", "view")
+CACHED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view") + cache.TAIL_FIELDS
 
 # fingerprint field -> the manifest keys that produce it (for the fix in a mismatch message)
 FINGERPRINT_KEYS = {
@@ -318,8 +318,8 @@ def open_train_set(m: Manifest, root, world_size: int = 1, teacher_size: int | N
 
 class StudentViews(IterableDataset):
     """One rank's epoch as batches: uint8 views [B, H, W, 3] (and `teacher_views` at the teacher's size
-    when asked), labels, partner_labels, lam [B], topk_logits float16 [B, K], topk_ids int64 [B, K],
-    lse [B], shard, pos, cache_epoch [B]."""
+    when asked), labels, partner_labels, lam [B], topk_logprobs float16 [B, K], topk_ids int64 [B, K],
+    log_leftover [B], shard, pos, cache_epoch [B] (and tail_ids, tail_logprobs where the cache has tail samples)."""
 
     def __init__(self, data: TrainSet, epoch: int, plans: list[WorkerPlan], skips: list[int]):
         self.data, self.epoch, self.plans, self.skips = data, epoch, plans, skips
@@ -397,8 +397,10 @@ class StudentViews(IterableDataset):
         partner = rendered["views"].partner(pos)  # itself when the partner was skipped as a bad sample
         return {**{name: shard_views.view(pos) for name, shard_views in rendered.items()},
                 "labels": sample.label, "partner_labels": samples[partner].label, "lam": lam,
-                "topk_logits": slab["topk_logits"][pos], "topk_ids": slab["topk_ids"][pos].astype(np.int64),
-                "lse": slab["lse"][pos], "shard": shard, "pos": pos, "cache_epoch": cache_epoch}
+                "topk_logprobs": slab["topk_logprobs"][pos], "topk_ids": slab["topk_ids"][pos].astype(np.int64),
+                "log_leftover": slab["log_leftover"][pos], "shard": shard, "pos": pos, "cache_epoch": cache_epoch,
+                **{name: slab[name][pos].astype(np.int64) if name == "tail_ids" else slab[name][pos]
+                   for name in ("tail_ids", "tail_logprobs") if name in slab}}
 
 
 def _collate(records: list[dict]) -> dict[str, torch.Tensor]:

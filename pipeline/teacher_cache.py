@@ -5,13 +5,21 @@ index alone (unit i goes to rank i mod world size), then to loader workers the s
 re-scaled run redoes exactly the units that are not done and never shares a chunk between writers.
 Teacher batches are runs of consecutive positions of one shard, so every view meets the teacher in the same
 batch whatever the rank or worker count: the cache is bit-identical across topologies.
+
+On a GPU the stage keeps the device busy: loader workers render the next batches while the teacher runs
+(prefetch), batches come in pinned memory and are copied without blocking, the top-K, log-softmax, leftover
+and tail draws are computed on the device so only K values per view cross back, unit writes (compression,
+fsync, done flag) run on a background thread, and `cache.compile: true` compiles the teacher. On the CPU the
+same code runs with the CUDA-only parts (pinning, autocast, channels-last) off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +31,7 @@ from tqdm import tqdm
 
 from pipeline import cache, storage, views
 from pipeline.lock import writer_lock
+from pipeline.losses import sparse_teacher_answers
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.reader import read_shard, scan_shard
 from pipeline.shards import ShardList, data_shardlist, warn_if_class_ordered
@@ -63,6 +72,7 @@ def cache_attrs(m: Manifest, train: ShardList, val: ShardList, teacher_identity:
                    for name, lst in (("train", train), ("val", val))},
         "teacher_size": m.teacher.img_size,
         "shards_per_unit": m.cache.shards_per_unit,
+        "tail_samples": m.cache.tail_samples,
         "param_fields": list(views.PARAM_FIELDS),
         "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -73,13 +83,17 @@ def cache_attrs(m: Manifest, train: ShardList, val: ShardList, teacher_identity:
 
 def layouts_for(m: Manifest, train: ShardList, val: ShardList) -> dict[str, cache.CacheLayout]:
     num_classes = len(train.classes)
+    if m.cache.tail_samples < 0 or (m.cache.tail_samples and m.cache.top_k == num_classes):
+        raise ManifestError(f"cache.tail_samples={m.cache.tail_samples} must be >= 0, and 0 when cache.top_k equals "
+                            f"the {num_classes} classes (there is no tail to sample)")
     if m.cache.top_k > num_classes:
         raise ManifestError(f"cache.top_k={m.cache.top_k} exceeds the {num_classes} classes of {m.data.train}: "
                             f"set cache.top_k <= {num_classes}")
     common = dict(top_k=m.cache.top_k, num_classes=num_classes, shards_per_unit=m.cache.shards_per_unit)
     return {
         "train": cache.CacheLayout(shards=len(train.shards), positions=max(s.samples for s in train.shards),
-                                   n_params=views.N_PARAMS, epochs=m.cache.epochs, **common),
+                                   n_params=views.N_PARAMS, epochs=m.cache.epochs,
+                                   tail_samples=m.cache.tail_samples, **common),
         "val": cache.CacheLayout(shards=len(val.shards), positions=max(s.samples for s in val.shards),
                                  n_params=0, epochs=None, **common),
     }
@@ -89,7 +103,7 @@ class UnitViews(IterableDataset):
     """Yields teacher batches: consecutive views of one shard, rendered from their stored parameters.
 
     Each item: unit, shard, start position, views uint8 [b, H, W, 3], params float32 [b, N], digests
-    int64 [b] (uint64 bits), labels int32 [b], valid bool [b] (False where on_error=skip dropped a sample)."""
+    int64 [b] (32-bit values), labels int32 [b], valid bool [b] (False where on_error=skip dropped a sample)."""
 
     def __init__(self, m: Manifest, lists: dict[str, ShardList], units: list[Unit], eval_crop_pct: float):
         self.m, self.lists, self.units, self.eval_crop_pct = m, lists, units, eval_crop_pct
@@ -149,12 +163,11 @@ class UnitViews(IterableDataset):
                 continue
             yield pos, rendered.view(pos), params[pos], sample.label
 
-    @staticmethod
-    def _collate(unit, shard, records, size):
+    def _collate(self, unit, shard, records, size):
         b = len(records)
         views_u8 = np.zeros((b, size, size, 3), np.uint8)
         params = np.zeros((b, views.N_PARAMS), np.float32)
-        digests = np.zeros(b, np.uint64)
+        digests = np.zeros(b, np.int64)
         labels = np.full(b, -1, np.int32)
         valid = np.zeros(b, bool)
         for i, (_, view, p, label) in enumerate(records):
@@ -166,58 +179,96 @@ class UnitViews(IterableDataset):
             digests[i] = views.view_digest(view) or 1  # 0 is reserved for "no view here"
             labels[i] = label
             valid[i] = True
-        return {"unit": unit, "shard": shard, "start": records[0][0], "views": torch.from_numpy(views_u8),
-                "params": torch.from_numpy(params), "digests": torch.from_numpy(digests.view(np.int64)),
+        item = {"unit": unit, "shard": shard, "start": records[0][0], "views": torch.from_numpy(views_u8),
+                "params": torch.from_numpy(params), "digests": torch.from_numpy(digests),
                 "labels": torch.from_numpy(labels), "valid": torch.from_numpy(valid)}
+        if unit.split == "train" and self.m.cache.tail_samples:
+            item["tail_uniforms"] = torch.from_numpy(np.stack([tail_uniforms(self.m, unit.epoch, shard, pos)
+                                                               for pos, *_ in records]))
+        return item
+
+
+TAIL_STREAM = 1000  # the generator part of the tail draws (views.py numbers its parts from 0)
+
+
+def tail_uniforms(m: Manifest, epoch: int, shard: int, pos: int) -> np.ndarray:
+    """The view's `cache.tail_samples` uniforms in [0, 1) for its tail draws, from (seed, epoch, shard, pos)
+    alone like its view parameters, so the draws do not depend on topology, batch or device."""
+    rng = np.random.default_rng([m.views.seed, epoch, shard, pos, TAIL_STREAM])
+    return rng.random(m.cache.tail_samples)
 
 
 class UnitBuffers:
-    """Collects teacher answers per unit and writes a unit the moment its last view arrives."""
+    """Collects teacher answers per unit and writes a unit the moment its last view arrives, on a background
+    thread so the teacher keeps running while the unit's chunks are compressed, written and fsynced. One
+    write is in flight at a time (the next completed unit waits for it, which bounds the memory held); each
+    write keeps `cache.write_unit`'s order (data, fsync, then the done flag), and its error is raised in the
+    caller at the next `add` or at `flush`."""
 
     def __init__(self, root, layouts, lists):
         self.root, self.layouts, self.lists = root, layouts, lists
         self.buffers: dict[Unit, dict[str, np.ndarray]] = {}
         self.remaining: dict[Unit, int] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer")
+        self._in_flight: Future | None = None
+
+    def _write(self, unit: Unit, data: dict[str, np.ndarray]) -> None:
+        self.flush()
+        self._in_flight = self._writer.submit(cache.write_unit, self.root, unit.split, unit.epoch, unit.group, data)
+
+    def flush(self) -> None:
+        """Wait for the write in flight; re-raise its error."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._writer.shutdown(wait=True)
 
     def _open(self, unit: Unit) -> dict[str, np.ndarray]:
         layout = self.layouts[unit.split]
         shards = layout.group_shards(unit.group)
         u, p, k = len(shards), layout.positions, layout.top_k
-        buf = {"topk_logits": np.zeros((u, p, k), np.float16), "topk_ids": np.zeros((u, p, k), layout.id_dtype),
-               "lse": np.zeros((u, p), np.float32), "digest": np.zeros((u, p), np.uint64),
+        buf = {"topk_logprobs": np.zeros((u, p, k), np.float16), "topk_ids": np.zeros((u, p, k), layout.id_dtype),
+               "log_leftover": np.zeros((u, p), np.float32), "digest": np.zeros((u, p), np.uint32),
                "labels": np.full((u, p), -1, np.int32)}
         if unit.split == "train":
             buf["view"] = np.zeros((u, p, layout.n_params), np.float32)
+        if layout.tail_samples:
+            buf["tail_ids"] = np.zeros((u, p, layout.tail_samples), layout.id_dtype)
+            buf["tail_logprobs"] = np.zeros((u, p, layout.tail_samples), np.float16)
         self.buffers[unit] = buf
         self.remaining[unit] = sum(self.lists[unit.split].shards[s].samples for s in shards)
         return buf
 
-    def add(self, item: dict, logits: torch.Tensor) -> Unit | None:
-        """Store one teacher batch; returns the unit if this batch completed (and wrote) it."""
+    def add(self, item: dict, answers: dict[str, torch.Tensor]) -> Unit | None:
+        """Store one teacher batch's answers (`losses.sparse_teacher_answers`, on the CPU); returns the unit if
+        this batch completed (and wrote) it."""
         unit = item["unit"]
         buf = self.buffers.get(unit) or self._open(unit)
         layout = self.layouts[unit.split]
         row = item["shard"] - unit.group * layout.shards_per_unit
-        cols = slice(item["start"], item["start"] + len(logits))
+        n = len(item["valid"])
+        cols = slice(item["start"], item["start"] + n)
         valid = item["valid"].numpy()
-        logits = logits.float()
-        if not torch.isfinite(logits[torch.from_numpy(valid)]).all():
-            raise FloatingPointError(f"the teacher returned non-finite logits for shard {item['shard']}, positions "
-                                     f"{cols.start}..{cols.stop - 1}: check the teacher weights")
-        top_v, top_i = logits.topk(layout.top_k, dim=1)
-        lse = torch.logsumexp(logits, dim=1)
         keep = valid[:, None]
-        buf["topk_logits"][row, cols] = np.where(keep, top_v.numpy().astype(np.float16), 0)
-        buf["topk_ids"][row, cols] = np.where(keep, top_i.numpy(), 0)
-        buf["lse"][row, cols] = np.where(valid, lse.numpy(), 0)
-        buf["digest"][row, cols] = item["digests"].numpy().view(np.uint64)
+        buf["topk_logprobs"][row, cols] = np.where(keep, answers["topk_logprobs"].numpy(), 0)
+        buf["topk_ids"][row, cols] = np.where(keep, answers["topk_ids"].numpy(), 0)
+        buf["log_leftover"][row, cols] = np.where(valid, answers["log_leftover"].numpy(), 0)
+        buf["digest"][row, cols] = item["digests"].numpy()
         buf["labels"][row, cols] = item["labels"].numpy()
         if "view" in buf:
             buf["view"][row, cols] = item["params"].numpy()
-        self.remaining[unit] -= len(logits)
+        for name in ("tail_ids", "tail_logprobs"):
+            if name in buf:
+                buf[name][row, cols] = np.where(keep, answers[name].numpy(), 0)
+        self.remaining[unit] -= n
         if self.remaining[unit]:
             return None
-        cache.write_unit(self.root, unit.split, unit.epoch, unit.group, self.buffers.pop(unit))
+        self._write(unit, self.buffers.pop(unit))
         del self.remaining[unit]
         return unit
 
@@ -252,6 +303,8 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
     teacher = load_teacher(m.teacher, len(lists["train"].classes), device, data=f"data.train={m.data.train}")
     if rank == 0 and (noise := views.erasing_noise_warning(m.views, teacher.mean, teacher.std, f"teacher {m.teacher.model}")):
         warnings.warn(noise, stacklevel=2)
+    if m.cache.compile:  # the identity (and so the fingerprint) is the weights', not the compiled module's
+        teacher = dataclasses.replace(teacher, model=torch.compile(teacher.model))
     attrs = cache_attrs(m, lists["train"], lists["val"], teacher.identity)
     if rank == 0 or barrier is None:
         root = cache.create(m.cache.path, layouts, attrs)
@@ -262,15 +315,20 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
     mine = [u for i, u in enumerate(all_units(layouts)) if i % world_size == rank]
     todo = [u for u in mine if not done[u.split][(u.group,) if u.epoch is None else (u.epoch, u.group)]]
     total = sum(lists[u.split].shards[s].samples for u in todo for s in layouts[u.split].group_shards(u.group))
+    # with workers, the next batches render while the teacher runs; pinned host memory lets the copy overlap
     loader = DataLoader(UnitViews(m, lists, todo, teacher.crop_pct), batch_size=None, num_workers=m.cache.workers,
-                        persistent_workers=False, prefetch_factor=4 if m.cache.workers else None)
+                        persistent_workers=False, prefetch_factor=4 if m.cache.workers else None,
+                        pin_memory=device.type == "cuda")
     buffers = UnitBuffers(root, layouts, lists)
     started, written = time.time(), 0
     bar = tqdm(total=total, unit="view", desc=f"teacher-cache rank {rank}", disable=not progress or (barrier is not None and rank != 0), smoothing=0.1)
-    for item in loader:
-        logits = forward(teacher, item["views"], device)
-        written += buffers.add(item, logits) is not None
-        bar.update(len(logits))
+    try:
+        for item in loader:
+            answers = teacher_answers(teacher, item, device, m.cache.top_k)
+            written += buffers.add(item, answers) is not None
+            bar.update(len(item["valid"]))
+    finally:
+        buffers.close()  # the last unit's write completes (or raises) before the run returns
     bar.close()
     if buffers.remaining:
         raise RuntimeError(f"units left incomplete: {sorted(buffers.remaining, key=str)[:3]}")
@@ -281,9 +339,25 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
 
 @torch.inference_mode()
 def forward(teacher: Teacher, views_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The teacher's float32 logits [b, C] for uint8 views [b, H, W, 3], left on `device`."""
     x = normalize(views_u8.to(device, non_blocking=True), teacher.mean, teacher.std)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return teacher.model(x).float().cpu()
+            return teacher.model(x).float()
     return teacher.model(x).float()
+
+
+@torch.inference_mode()
+def teacher_answers(teacher: Teacher, item: dict, device: torch.device, top_k: int) -> dict[str, torch.Tensor]:
+    """One batch's answers as the cache stores them, reduced to top-K on the device (only K values and ids and
+    one leftover per view cross to the host), after checking the valid views' logits are finite."""
+    logits = forward(teacher, item["views"], device)
+    uniforms = item.get("tail_uniforms")
+    answers = sparse_teacher_answers(logits, top_k, None if uniforms is None else uniforms.to(device))
+    finite = torch.isfinite(logits).all(dim=1).cpu()
+    if not finite[item["valid"]].all():
+        stop = item["start"] + len(finite)
+        raise FloatingPointError(f"the teacher returned non-finite logits for shard {item['shard']}, positions "
+                                 f"{item['start']}..{stop - 1}: check the teacher weights")
+    return {name: value.cpu() for name, value in answers.items()}

@@ -46,7 +46,7 @@ from pipeline import cache, views
 from pipeline.checkpoint import BEST, LAST, CheckpointError, Checkpointer, Position, Progress
 from pipeline.distributed import World
 from pipeline.evaluate import Evaluator
-from pipeline.losses import HEADLINE_HEAD, deit_loss, mixed_target
+from pipeline.losses import HEADLINE_HEAD, deit_loss, mixed_target, sparse_teacher_answers
 from pipeline.manifest import Manifest, ManifestError, StudentCfg, to_dict
 from pipeline.run_log import LOG, METRICS, RunLog
 from pipeline.shards import data_shardlist
@@ -80,23 +80,31 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------------------------- the teacher's answers
 
 
+ANSWER_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "tail_ids", "tail_logprobs")  # the last two optional
+
+
 def cached_answers(device: torch.device) -> Answers:
     """The teacher's answers for a batch, as the cache stored them (attached by the loader)."""
 
     def answers(batch: dict) -> dict:
-        return {k: batch[k].to(device, non_blocking=True) for k in ("topk_logits", "topk_ids", "lse")}
+        return {k: batch[k].to(device, non_blocking=True) for k in ANSWER_FIELDS if k in batch}
 
     return answers
 
 
-def online_answers(teacher: Teacher, device: torch.device) -> Answers:
+def online_answers(teacher: Teacher, device: torch.device, top_k: int | None = None) -> Answers:
     """The teacher run now on the batch's uint8 views (at its own size when the loader rendered those),
-    normalised with its own mean and std: all C logits, sorted, so K = C."""
+    normalised with its own mean and std: all C log-probabilities, sorted (K = C); or, with `top_k`, truncated
+    and stored exactly as stage 1 stores them (`losses.sparse_teacher_answers`)."""
 
     def answers(batch: dict) -> dict:
         logits = forward(teacher, batch.get("teacher_views", batch["views"]), device).to(device).clone()
+        if top_k is not None:
+            return sparse_teacher_answers(logits, top_k)
         top_v, top_i = logits.sort(dim=1, descending=True)
-        return {"topk_logits": top_v, "topk_ids": top_i, "lse": torch.logsumexp(logits, dim=1)}
+        none = torch.full(top_v.shape[:1], float("-inf"), device=top_v.device)
+        return {"topk_logprobs": top_v - torch.logsumexp(logits, dim=1, keepdim=True), "topk_ids": top_i,
+                "log_leftover": none}
 
     return answers
 
@@ -261,7 +269,7 @@ def open_checked_cache(m: Manifest, world: World, device: torch.device, answers:
     the teacher saw them. Returns (root, train set, the answers function)."""
     root = cache.open_cache(m.cache.path)
     num_classes = len(root.attrs["classes"])
-    online = isinstance(answers, str) and answers == "online"
+    online = isinstance(answers, str) and answers in ("online", "online-topk")
     teacher = load_teacher(m.teacher, num_classes, device) if online else None
     identity = teacher.identity if online else teacher_identity(m.teacher, num_classes)
     expected = cache_attrs(m, data_shardlist(m, "train"), data_shardlist(m, "val"), identity)
@@ -273,11 +281,11 @@ def open_checked_cache(m: Manifest, world: World, device: torch.device, answers:
         if cache.local_dir(m.cache.path) is not None:
             check_chunks(root, data)
         verify_views(m, root, data.shardlist, m.student.verify_sample if verify_sample is None else verify_sample)
-    if online:
-        answers = online_answers(teacher, device)
+    if online:  # "online-topk": truncated to the cache's K and stored as stage 1 stores it
+        answers = online_answers(teacher, device, root.attrs["top_k"] if answers == "online-topk" else None)
     elif isinstance(answers, str):
         if answers != "cache":
-            raise ValueError(f"answers={answers!r}: pass 'cache', 'online' or a function of the batch")
+            raise ValueError(f"answers={answers!r}: pass 'cache', 'online', 'online-topk' or a function of the batch")
         answers = cached_answers(device)
     return root, data, answers
 
@@ -588,5 +596,5 @@ def train(m: Manifest, world: World | None = None, answers: str | Answers = "cac
     """Train `m.student` from the cache at `m.cache.path`; resumes from run_dir's last.pth if there is one.
 
     `answers`: "cache" (the default), "online" (the teacher runs on the replayed views), or a function of the
-    batch returning {"topk_logits", "topk_ids", "lse"}. Returns the final evaluation (also in result.json)."""
+    batch returning {"topk_logprobs", "topk_ids", "log_leftover"}. Returns the final evaluation (also in result.json)."""
     return train_shared([m], world, answers, progress)[0]

@@ -2,9 +2,11 @@
 
 A view of (cache epoch e, shard s, position p) is drawn by `sample_params` from generators seeded by
 (seed, e, s, p) alone, one generator per part (crop, flip, RandAugment, erasing, mix), so switching a part
-off leaves the others' draws unchanged. The draws are written into a float32 vector (`PARAM_FIELDS`) whose
-every value is exact in float32: coordinates are normalised and quantised to multiples of 2**-16, integers
-stay below 2**24. `render_unmixed`, `mix` and `render` (the two composed) read only that vector (and the
+off leaves the others' draws unchanged. The draws are written into a float32 vector (`PARAM_FIELDS`) and
+snapped to the grid the cache stores them on (`PARAM_ENCODING`: coordinates as uint16 steps of 1/65535 of the
+normalised range, codes and flags as one byte, magnitudes in steps of 2**-12, seeds and positions in three
+bytes), so `decode_params(encode_params(v)) == v` bit for bit and the teacher renders from the very values the
+student later decodes. `render_unmixed`, `mix` and `render` (the two composed) read only that vector (and the
 recipe constants in the config) and draw no random numbers: the erasing noise comes from a numpy `RandomState`
 seeded by the stored `erase_seed`, whose stream numpy keeps frozen across versions. So a view rendered from
 the decoded cache entry is the view the teacher saw, at any output resolution.
@@ -48,7 +50,7 @@ from pipeline.manifest import ManifestError, ViewsCfg, to_dict
 RECIPE_VERSION = "views/2"
 
 MAX_RA_OPS = 4  # RandAugment slots in the parameter vector; a spec asking for more ops is refused
-COORD_STEP = 2.0**-16  # normalised coordinates are stored as multiples of this
+COORD_STEP = 1.0 / 65535  # normalised coordinates are stored as uint16 multiples of this
 MAX_SIDE = 2**15  # source sides up to this many pixels replay their integer crop box exactly
 MAX_INT = 2**24  # integers (positions, seeds) stay exact in float32 below this
 
@@ -99,6 +101,23 @@ PARAM_FIELDS: tuple[str, ...] = (
     + ("mix_mode", "mix_partner", "mix_lam", "mix_x0", "mix_y0", "mix_x1", "mix_y1")
 )
 N_PARAMS = len(PARAM_FIELDS)
+
+# How each field is stored in the cache: (bytes, scale, offset), value = (unsigned little-endian int + offset) * scale.
+# Coordinates and lambdas: uint16 of [0, 1]. Codes, flags and signs: one byte (offset -1 lets -1 mean "no op").
+# RandAugment magnitudes: one byte, steps of 1/16 of a level in [0, 16) (timm's level scale is 0-10; a step is an
+# eighth of DeiT's magnitude std 0.5, a rotation of 0.19 degrees; Posterize and Solarize floor the level to a few
+# integer arguments anyway). Seeds and positions: three bytes (both stay below 2**24 = MAX_INT).
+_COORD = (2, COORD_STEP, 0)
+_CODE = (1, 1.0, 0)
+PARAM_ENCODING: dict[str, tuple[int, float, int]] = {
+    **{f"{box}_{c}": _COORD for box in ("crop", "erase", "mix") for c in ("x0", "y0", "x1", "y1")},
+    "interp": _CODE, "flip": _CODE, "erase": _CODE, "mix_mode": _CODE,
+    **{f"ra{i}_op": (1, 1.0, -1) for i in range(MAX_RA_OPS)},
+    **{f"ra{i}_sign": (1, 1.0, -1) for i in range(MAX_RA_OPS)},
+    **{f"ra{i}_mag": (1, 1.0 / 16, 0) for i in range(MAX_RA_OPS)},
+    "erase_seed": (3, 1.0, 0), "mix_partner": (3, 1.0, 0), "mix_lam": _COORD,
+}
+PARAM_BYTES = sum(PARAM_ENCODING[f][0] for f in PARAM_FIELDS)  # bytes of one stored view record
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -185,6 +204,7 @@ def recipe(cfg: ViewsCfg) -> dict:
         "config": config,
         "param_fields": list(PARAM_FIELDS),
         "coord_step": COORD_STEP,
+        "param_encoding": {name: list(PARAM_ENCODING[name]) for name in PARAM_FIELDS},
         "interpolations": list(INTERPOLATIONS),
         "ra_op_names": list(RA_OP_NAMES),
         "ra_hparams": {"translate_pct": RA_HPARAMS["translate_pct"], "img_mean": list(IMG_MEAN_U8)},
@@ -211,8 +231,8 @@ def recipe(cfg: ViewsCfg) -> dict:
 
 
 def _quantise(frac: float) -> float:
-    """A normalised coordinate as the nearest multiple of 2**-16 in [0, 1] (exact in float32)."""
-    return min(1.0, max(0.0, round(frac / COORD_STEP) * COORD_STEP))
+    """A normalised coordinate as the nearest stored step (a multiple of 1/65535) in [0, 1]."""
+    return float(np.float32(min(65535, max(0, round(frac * 65535))) / 65535))
 
 
 def _sample_crop(rng: np.random.Generator, cfg: ViewsCfg, width: int, height: int) -> dict:
@@ -377,7 +397,7 @@ def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: in
     width, height = src_size
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise ValueError(f"{where}: source size {width}x{height} is outside 1..{MAX_SIDE} px a side; crop boxes "
-                         f"are stored in steps of 2**-16 and replay exactly only up to {MAX_SIDE} px: downscale the image")
+                         f"are stored in steps of 1/65535 and replay exactly only up to {MAX_SIDE} px: downscale the image")
 
     def rng(part: int) -> np.random.Generator:
         return np.random.default_rng([cfg.seed, epoch, shard, pos, part])
@@ -387,7 +407,59 @@ def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: in
     values.update(_sample_randaugment(rng(_PART_RA), cfg))
     values.update(_sample_erase(rng(_PART_ERASE), cfg))
     values.update(_sample_mix(rng(_PART_MIX), cfg, mix_window(cfg, epoch, shard, pos, shard_len), pos, size))
-    return np.array([values[f] for f in PARAM_FIELDS], dtype=np.float32)
+    return quantise_params(np.array([values[f] for f in PARAM_FIELDS], dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------- storage encoding
+
+
+def encode_params(params: np.ndarray, exact: bool = True) -> np.ndarray:
+    """float32 parameter vectors [..., N_PARAMS] -> the cache's uint8 records [..., PARAM_BYTES] (`PARAM_ENCODING`,
+    fields in PARAM_FIELDS order, each little-endian). `exact` refuses a value that is not on its field's grid
+    (the sampler snaps every value, so a stored record always decodes to the vector the teacher rendered from)."""
+    params = np.asarray(params)
+    if params.shape[-1:] != (N_PARAMS,):
+        raise ValueError(f"view params must have {N_PARAMS} values on the last axis, got shape {params.shape}")
+    out = np.empty(params.shape[:-1] + (PARAM_BYTES,), np.uint8)
+    at = 0
+    for i, name in enumerate(PARAM_FIELDS):
+        width, scale, offset = PARAM_ENCODING[name]
+        value = params[..., i].astype(np.float64)
+        code = np.rint(value / scale - offset)
+        bad = ~((code >= 0) & (code < 256**width))
+        if exact:
+            bad |= np.float32((code + offset) * scale) != params[..., i].astype(np.float32)
+        if bad.any():
+            raise ValueError(f"view params field {name}={value[bad].flat[0]!r} is not storable: the cache holds "
+                             f"{8 * width}-bit steps of {scale:g} (offset {offset}); quantise it with views.quantise_params")
+        code = code.astype(np.uint32)
+        for b in range(width):
+            out[..., at + b] = (code >> (8 * b)) & 0xFF
+        at += width
+    return out
+
+
+def decode_params(records: np.ndarray) -> np.ndarray:
+    """The cache's uint8 records [..., PARAM_BYTES] -> float32 parameter vectors [..., N_PARAMS]."""
+    records = np.asarray(records)
+    if records.dtype != np.uint8 or records.shape[-1:] != (PARAM_BYTES,):
+        raise ValueError(f"stored view records must be uint8 with {PARAM_BYTES} bytes on the last axis, got "
+                         f"shape {records.shape} dtype {records.dtype}: the cache was written by another recipe version")
+    out = np.empty(records.shape[:-1] + (N_PARAMS,), np.float32)
+    at = 0
+    for i, name in enumerate(PARAM_FIELDS):
+        width, scale, offset = PARAM_ENCODING[name]
+        code = np.zeros(records.shape[:-1], np.int64)
+        for b in range(width):
+            code |= records[..., at + b].astype(np.int64) << (8 * b)
+        out[..., i] = (code + offset) * scale
+        at += width
+    return out
+
+
+def quantise_params(params: np.ndarray) -> np.ndarray:
+    """The vector with every field snapped to its stored grid (`PARAM_ENCODING`)."""
+    return decode_params(encode_params(params, exact=False))
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -610,11 +682,12 @@ class ShardViews:
 
 
 def view_digest(view: np.ndarray) -> int:
-    """64-bit blake2b digest of a uint8 view's shape and bytes, as an int that fits numpy uint64."""
+    """32-bit blake2b digest of a uint8 view's shape and bytes, as an int that fits numpy uint32. A corruption
+    and drift check, not a security one: a changed view goes unnoticed with probability 2**-32 per view."""
     view = np.asarray(view)
     if view.dtype != np.uint8:
         raise ValueError(f"view_digest takes the uint8 view (before normalisation), got dtype {view.dtype}")
-    h = hashlib.blake2b(digest_size=8)
+    h = hashlib.blake2b(digest_size=4)
     h.update(np.asarray(view.shape, dtype="<u8").tobytes())
     h.update(np.ascontiguousarray(view).tobytes())
     return int.from_bytes(h.digest(), "little")

@@ -44,9 +44,9 @@ def inspect_view(m, cache_path, epoch, shard, pos, student_size, out):
     click.echo("parameters (boxes are [x0, y0, x1, y1] as fractions of the source image, of the view for erase/mix):")
     for part, value in view.params.items():
         click.echo(f"  {part}: {json.dumps(value)}")
-    click.echo(f"teacher top-{len(view.topk)} (probability exp(z - lse)):")
-    for rank, (class_id, name, logit, prob) in enumerate(view.topk, 1):
-        click.echo(f"  {rank:2d}. class {class_id:5d} {name[:30]:30} logit {logit:9.4f}  p {prob:.4f}")
+    click.echo(f"teacher top-{len(view.topk)} (log-probability and probability):")
+    for rank, (class_id, name, log_p, prob) in enumerate(view.topk, 1):
+        click.echo(f"  {rank:2d}. class {class_id:5d} {name[:30]:30} log p {log_p:9.4f}  p {prob:.4f}")
     click.echo(f"  top-{len(view.topk)} mass {sum(p for *_, p in view.topk):.4f}")
     for path in paths:
         click.echo(f"wrote {path}")

@@ -28,21 +28,23 @@ def default(name: str):
               show_default="0", help="Re-rendered views allowed to differ from the views the teacher saw.")
 @click.option("--max-top1-disagreement", type=click.FloatRange(0, 1), default=default("max_top1_disagreement"),
               show_default="0.01", help="Share of views whose recomputed top-1 may beat the cached one by more "
-                                      "than the logit tolerance.")
-@click.option("--logit-atol", type=click.FloatRange(0), default=default("logit_atol"), show_default="0.001",
-              help="Absolute logit tolerance on top of float16 rounding (also for the logsumexp).")
-@click.option("--logit-rtol", type=click.FloatRange(0), default=default("logit_rtol"), show_default="0.03",
-              help="Logit tolerance relative to the view's largest |logit|: covers a cache filled under CUDA "
-                   "bfloat16 autocast and checked on CPU (or another GPU, batch size, thread count).")
+                                      "than --max-prob-error in probability.")
+@click.option("--max-prob-error", type=click.FloatRange(0), default=default("max_prob_error"), show_default="0.002",
+              help="Per view: largest |p_cached - p_recomputed| over the stored classes. Loosen it for a cache "
+                   "filled under CUDA bfloat16 autocast and checked on CPU.")
+@click.option("--max-leftover-error", type=click.FloatRange(0), default=default("max_leftover_error"),
+              show_default="0.002", help="Per view: |leftover mass cached - recomputed| (mass outside the top-K).")
+@click.option("--max-kl", type=click.FloatRange(0), default=default("max_kl"), show_default="0.001",
+              help="Per view: KL(recomputed || cached) in nats over the stored classes plus the leftover.")
 @click.option("--scan/--no-scan", default=True, show_default=True,
               help="First check every chunk of every complete unit: present, checksum intact.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on a terminal.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full report (every failing view) as JSON here.")
-def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_disagreement, logit_atol,
-                         logit_rtol, scan, progress, json_path):
+def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_disagreement, max_prob_error,
+                 max_leftover_error, max_kl, scan, progress, json_path):
     """Recompute the teacher on a random sample of the cache's complete units (train and val) and check
-    digests, top-K agreement, logit and logsumexp errors; exit 1 past the thresholds. Units not complete
+    digests, top-K agreement, and the cached probabilities, leftover mass and KL; exit 1 past the thresholds. Units not complete
     yet are listed, not failed."""
     from pipeline.cache import CacheError
     from pipeline.manifest import ManifestError
@@ -50,7 +52,8 @@ def verify_cache(m, cache_path, sample, seed, max_digest_mismatches, max_top1_di
     from pipeline.teacher import TeacherError
     from pipeline import verify
 
-    thresholds = verify.Thresholds(max_digest_mismatches, max_top1_disagreement, logit_atol, logit_rtol)
+    thresholds = verify.Thresholds(max_digest_mismatches, max_top1_disagreement, max_prob_error, max_leftover_error,
+                                   max_kl)
     try:
         report = verify.verify_cache(m, cache_path or m.cache.path, sample, seed, thresholds, scan, progress)
     except (CacheError, ManifestError, ShardError, TeacherError) as e:

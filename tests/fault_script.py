@@ -161,10 +161,12 @@ class Reader:
             split, epoch, group = unit
             for shard in cache.layout_of(root, split).group_shards(group):
                 slab = cache.read_slab(root, split, epoch, shard,
-                                       ("topk_logits", "topk_ids", "lse", "digest", "view", "labels"))
+                                       ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view", "labels"))
                 for name, values in slab.items():
                     ref = self.reference[(split, name)]
                     want = ref[shard] if epoch is None or name == "labels" else ref[epoch, shard]
+                    if name in cache.CODECS:  # the reference holds the stored form
+                        values = cache.CODECS[name][0](values)
                     if not np.array_equal(values, want):
                         raise AssertionError(f"a reader saw {split}/{name} of done unit {unit} differ from the "
                                              f"reference while the cache was being written")

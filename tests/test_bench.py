@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from pipeline import bench
 from pipeline.cli import main
+from pipeline.views import PARAM_BYTES
 
 torch.set_num_threads(1)  # two busy cores: a second intra-op thread only spins
 
@@ -89,11 +90,12 @@ def test_storage_accounts_bytes_per_field_from_the_chunk_files(quick):
         chunk_dir = out / "work" / "storage" / "k100" / "train" / name / "c"
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(chunk_dir) for f in files)
         assert entry["bytes_per_view"][name] == pytest.approx(size / views)
-    assert entry["raw_bytes_per_view"] == {"topk_logits": 200, "topk_ids": 200, "lse": 4, "view": 4 * 31, "digest": 8}
+    assert entry["raw_bytes_per_view"] == {"topk_logprobs": 200, "topk_ids": 200, "log_leftover": 2,
+                                           "view": PARAM_BYTES, "digest": 4}
     assert entry["tinyvit"] == 404
     assert entry["total"] == pytest.approx(sum(entry["bytes_per_view"].values()))
     root = zarr.open_group(str(out / "work" / "storage" / "k100"), mode="r")
-    assert root["train"]["topk_ids"].dtype == np.uint16 and root["train"]["topk_logits"].shape[-1] == 100
+    assert root["train"]["topk_ids"].dtype == np.uint16 and root["train"]["topk_logprobs"].shape[-1] == 100
 
 
 def test_codec_candidates_read_back_unchanged_and_report_sizes(tmp_path):
@@ -102,7 +104,7 @@ def test_codec_candidates_read_back_unchanged_and_report_sizes(tmp_path):
     assert "transpose+blosc-zstd5-shuffle" in found and bench.REFERENCE_CODEC in found
     for numbers in found.values():
         assert 0 < numbers["bytes_per_view"] < 2 * 7 * 4  # about the raw 28 bytes, plus headers
-    lse = bench.compare_codecs(tmp_path, "lse", values[..., 0], (2, 50))
+    lse = bench.compare_codecs(tmp_path, "log_leftover", values[..., 0], (2, 50))
     assert not any(name.startswith("transpose") for name in lse)  # one number per view: nothing to transpose
 
 

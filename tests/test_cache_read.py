@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from pipeline import cache
-from pipeline.views import N_PARAMS
+from pipeline.views import N_PARAMS, PARAM_BYTES, decode_params
 
 EPOCHS, SHARDS, POSITIONS, K, CLASSES, PER_UNIT = 2, 5, 6, 3, 20, 2  # train groups {0, 1}, {2, 3}, {4}
 VAL_SHARDS, VAL_POSITIONS = 3, 4
-ALL_FIELDS = ("topk_logits", "topk_ids", "lse", "digest", "view", "labels")
+ALL_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view", "labels")
 
 
 def _layouts():
@@ -24,13 +24,14 @@ def _values(rng, split):
     """What the cache holds, written independently of the reader: {field: [E, S, P, ...] or [S, P, ...]}."""
     e = () if split == "val" else (EPOCHS,)
     s, p = (VAL_SHARDS, VAL_POSITIONS) if split == "val" else (SHARDS, POSITIONS)
-    out = {"topk_logits": rng.normal(size=e + (s, p, K)).astype(np.float16),
+    out = {"topk_logprobs": rng.normal(size=e + (s, p, K)).astype(np.float16),
            "topk_ids": rng.integers(CLASSES, size=e + (s, p, K)).astype(np.uint16),
-           "lse": rng.normal(size=e + (s, p)).astype(np.float32),
-           "digest": rng.integers(1, 2**63, size=e + (s, p)).astype(np.uint64),
+           "log_leftover": cache.decode_log_leftover(rng.integers(2**16, size=e + (s, p)).astype(np.uint16)),
+           "digest": rng.integers(1, 2**32, size=e + (s, p)).astype(np.uint32),
            "labels": rng.integers(CLASSES, size=(s, p)).astype(np.int32)}
-    if split == "train":
-        out["view"] = rng.random(e + (s, p, N_PARAMS)).astype(np.float32)
+    if split == "train":  # any stored record decodes to a vector that encodes back to it
+        out["view"] = decode_params(rng.integers(256, size=e + (s, p, PARAM_BYTES)).astype(np.uint8))
+        assert out["view"].shape[-1] == N_PARAMS
     return out
 
 
@@ -76,7 +77,7 @@ def test_the_reader_gives_read_slabs_arrays_in_any_order(filled):
     keys = [(e, s) for e in range(EPOCHS) for s in range(SHARDS)]
     order = [keys[i] for i in np.random.default_rng(1).permutation(len(keys))] + keys
     for epoch, shard in order:
-        for fields in (cache.SLAB_FIELDS, ALL_FIELDS, ("lse", "labels"), ("view",)):
+        for fields in (cache.SLAB_FIELDS, ALL_FIELDS, ("log_leftover", "labels"), ("view",)):
             got = reader.read(epoch, shard, fields)
             _assert_same(got, cache.read_slab(root, "train", epoch, shard, fields))
             # and both are what was written
@@ -112,8 +113,8 @@ def test_a_run_of_one_units_shards_checks_and_decodes_it_once(filled, monkeypatc
     # both shards of unit (epoch 1, group 1): its done flag and each chunk fetched once, each chunk asked about once
     assert sorted(fetched) == sorted(unit_keys | {"train/done/c/1/1"})
     assert sorted(asked) == sorted(unit_keys)
-    first["lse"][:] = -1  # slabs are the caller's own: changing one changes nothing the reader hands out later
-    np.testing.assert_array_equal(reader.read(1, 2)["lse"], cache.read_slab(root, "train", 1, 2)["lse"])
+    first["log_leftover"][:] = -1  # slabs are the caller's own: changing one changes nothing the reader hands out later
+    np.testing.assert_array_equal(reader.read(1, 2)["log_leftover"], cache.read_slab(root, "train", 1, 2)["log_leftover"])
     fetched.clear(), asked.clear()
     reader.read(0, 2)
     reader.read(1, 2)  # back to a unit read before: decoded again, not checked again
@@ -138,7 +139,7 @@ def test_a_unit_not_done_is_refused_until_it_is_done(tmp_path):
     assert function == reader_message
     assert "train unit (epoch 1, shard group 1, shards [2, 3]) is not complete: resume `make teacher-cache`" in function
     # epoch-1 labels come from the epoch-0 unit, which is not done for group 2
-    function, reader_message = _errors(root, "train", 1, 4, ("lse", "labels"))
+    function, reader_message = _errors(root, "train", 1, 4, ("log_leftover", "labels"))
     assert function == reader_message and "train unit (epoch 0, shard group 2, shards [4]) is not complete" in function
     reader = cache.SlabReader(root, "train")
     with pytest.raises(cache.CacheError, match=r"epoch 1, shard group 1, shards \[2, 3\]\) is not complete"):
@@ -152,10 +153,10 @@ def test_missing_and_corrupt_chunks_give_read_slabs_errors(tmp_path):
     _fill(path)
     root = cache.open_cache(str(path))
     arrays = dict(root["train"].arrays())
-    Path(cache.chunk_location(root, arrays["lse"], (0, 1, 0))).unlink()
+    Path(cache.chunk_location(root, arrays["log_leftover"], (0, 1, 0))).unlink()
     function, reader_message = _errors(root, "train", 0, 2)
     assert function == reader_message
-    assert ("train/lse chunk (0, 1, 0)" in function and "of train unit (epoch 0, shard group 1, shards [2, 3]), "
+    assert ("train/log_leftover chunk (0, 1, 0)" in function and "of train unit (epoch 0, shard group 1, shards [2, 3]), "
             "which is marked complete, is missing; zarr would read it as zeros" in function)
     chunk = Path(cache.chunk_location(root, arrays["view"], (1, 0, 0, 0)))
     data = bytearray(chunk.read_bytes())
@@ -166,10 +167,10 @@ def test_missing_and_corrupt_chunks_give_read_slabs_errors(tmp_path):
     assert ("train/view chunk (1, 0, 0, 0)" in function and "is corrupt" in function
             and "it belongs to train unit (epoch 1, shard group 0, shards [0, 1])" in function)
     reader = cache.SlabReader(root, "train")  # the other fields and units still read
-    _assert_same(reader.read(1, 1, ("lse", "digest")), cache.read_slab(root, "train", 1, 1, ("lse", "digest")))
+    _assert_same(reader.read(1, 1, ("log_leftover", "digest")), cache.read_slab(root, "train", 1, 1, ("log_leftover", "digest")))
     # epoch-1 labels are epoch 0's: their missing chunk is named as the epoch-0 unit's
     Path(cache.chunk_location(root, arrays["labels"], (1, 0))).unlink()
-    function, reader_message = _errors(root, "train", 1, 3, ("lse", "labels"))
+    function, reader_message = _errors(root, "train", 1, 3, ("log_leftover", "labels"))
     assert function == reader_message
     assert "train/labels chunk (1, 0)" in function and "of train unit (epoch 0, shard group 1, shards [2, 3])" in function
     done_flag = Path(cache.chunk_location(root, arrays["done"], (1, 2)))

@@ -67,7 +67,8 @@ def test_defaults_spelled_out_for_a_fast_help_equal_the_libraries():
     assert bench_stage.SECTIONS == bench.SECTIONS
     thresholds = verify.Thresholds()
     lazy = [p for p in verify_cache.params if callable(p.default)]
-    assert {p.name for p in lazy} == {"max_digest_mismatches", "max_top1_disagreement", "logit_atol", "logit_rtol"}
+    assert {p.name for p in lazy} == {"max_digest_mismatches", "max_top1_disagreement", "max_prob_error",
+                                       "max_leftover_error", "max_kl"}
     for param in lazy:
         assert param.default() == getattr(thresholds, param.name)
         assert float(param.show_default) == getattr(thresholds, param.name), param.name

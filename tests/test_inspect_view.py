@@ -32,7 +32,7 @@ def _invoke(tiny_cache, *args, cache_path=None, sets=()):
 
 def _rerender(tiny_cache, raw, size):
     m = tiny_cache.manifest()
-    params = raw["train"]["view"][EPOCH, SHARD]
+    params = views.decode_params(raw["train"]["view"][EPOCH, SHARD])
     samples = {s.pos: s for s in read_shard(load_shardlist(m.data.train), SHARD)}
     partner, _ = views.mix_target(params[POS])
     return views.render(samples[POS].image, params[POS], size, m.views, partner_image=samples[partner].image,
@@ -56,13 +56,13 @@ def test_png_is_the_teachers_view_and_the_top_k_is_printed(tiny_cache, tmp_path)
     assert f"sample {sample.key!r} (label {sample.label}, mixed with {partner.key!r})" in out
     assert "matches the stored one: this is exactly the view the teacher saw" in out
     assert re.search(r"mix: \{\"mode\": \"(mixup|cutmix)\", \"partner\": %d" % partner.pos, out)
-    logits = raw["train"]["topk_logits"][EPOCH, SHARD, POS].astype(np.float64)
+    logits = raw["train"]["topk_logprobs"][EPOCH, SHARD, POS].astype(np.float64)
     ids = raw["train"]["topk_ids"][EPOCH, SHARD, POS]
-    probs = np.exp(logits - float(raw["train"]["lse"][EPOCH, SHARD, POS]))
+    probs = np.exp(logits)
     lines = [line for line in out.splitlines() if re.match(r"\s+\d+\. class", line)]
     assert len(lines) == len(ids) == 10
     for line, class_id, logit, prob in zip(lines, ids, logits, probs):
-        assert re.search(rf"class\s+{class_id} {class_id}\s+logit\s+{logit:.4f}\s+p {prob:.4f}", line), line
+        assert re.search(rf"class\s+{class_id} {class_id}\s+log p\s+{logit:.4f}\s+p {prob:.4f}", line), line
 
 
 def test_a_digest_mismatch_is_reported(tiny_cache, tmp_path):
@@ -121,7 +121,7 @@ def test_outputs_go_next_to_the_cache_and_leave_its_size_alone(tiny_cache, tmp_p
 
 
 def _first_position(raw, epoch, shard, want):
-    for pos, params in enumerate(raw["train"]["view"][epoch, shard]):
+    for pos, params in enumerate(views.decode_params(raw["train"]["view"][epoch, shard])):
         if raw["train"]["digest"][epoch, shard, pos] and want(views.describe(params)):
             return pos
     raise AssertionError("the tiny cache has no such view")
@@ -138,7 +138,7 @@ def test_the_figure_shows_boxes_views_ops_and_the_top_k_read_independently(tiny_
     m = tiny_cache.manifest()
     view = inspect(tiny_cache.open(), load_shardlist(m.data.train), 0, 0, pos, student_size=8)
     fig = figure(view, "caches/tiny")
-    params = raw["train"]["view"][0, 0]
+    params = views.decode_params(raw["train"]["view"][0, 0])
     d = views.describe(params[pos])
     partner = d["mix"]["partner"]
     samples = {s.pos: s for s in read_shard(load_shardlist(m.data.train), 0)}

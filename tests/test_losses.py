@@ -6,11 +6,13 @@ import pytest
 import torch
 from timm.data.mixup import mixup_target
 
+from pipeline import cache
 from pipeline.losses import (
     DISTILLATION_MODES,
     HEADLINE_HEAD,
     deit_loss,
     mixed_target,
+    sparse_teacher_answers,
     sparse_teacher_log_probs,
     teacher_argmax,
 )
@@ -37,16 +39,21 @@ def distinct_logits(rng, batch, num_classes, spread=0.6):
 
 
 def cache_views(full_logits, k, id_dtype):
-    """What stage 1 stores: top-K logits in float16 sorted descending, their ids, the full float32 logsumexp."""
+    """What the cache hands back, computed here in float64: top-K log-probabilities in float16 sorted
+    descending, their ids, and the log leftover on the stored grid. Returns also the float64 values."""
     order = np.argsort(-full_logits, axis=1, kind="stable")[:, :k]
-    topk = np.take_along_axis(full_logits, order, axis=1).astype(np.float16)
-    lse = np_logsumexp(full_logits).astype(np.float32)
+    log_p = np_log_softmax(full_logits)
+    topk = np.take_along_axis(log_p, order, axis=1).astype(np.float16)
+    rest = log_p.copy()
+    np.put_along_axis(rest, order, -np.inf, axis=1)
+    log_rest = np_logsumexp(rest) if k < full_logits.shape[1] else np.full(len(rest), -np.inf)
+    log_leftover = cache.decode_log_leftover(cache.encode_log_leftover(log_rest))
     cached = {
-        "topk_logits": torch.from_numpy(topk),
+        "topk_logprobs": torch.from_numpy(topk),
         "topk_ids": torch.from_numpy(order.astype(id_dtype)),
-        "lse": torch.from_numpy(lse),
+        "log_leftover": torch.from_numpy(log_leftover),
     }
-    return cached, topk.astype(np.float64), order, lse.astype(np.float64)
+    return cached, topk.astype(np.float64), order, log_leftover.astype(np.float64)
 
 
 def random_soft_target(rng, batch, num_classes):
@@ -73,7 +80,7 @@ def test_full_cache_equals_deit_on_float16_logits(mode, tau, id_dtype):
     batch, num_classes, alpha = 6, 10, 0.3
     full = distinct_logits(rng, batch, num_classes)
     cached, _, _, _ = cache_views(full, num_classes, id_dtype)
-    teacher = full.astype(np.float16).astype(np.float64)  # the teacher's answers as the cache keeps them
+    teacher = np_log_softmax(full).astype(np.float16).astype(np.float64)  # as the cache keeps them
     class_logits = rng.normal(size=(batch, num_classes)) * 2
     dist_logits = rng.normal(size=(batch, num_classes)) * 2
     target = random_soft_target(rng, batch, num_classes)
@@ -98,16 +105,18 @@ def test_sparse_distribution_at_tau_1_is_topk_probs_plus_uniform_leftover(id_dty
     rng = np.random.default_rng(1)
     batch, num_classes, k = 5, 12, 4
     full = rng.normal(size=(batch, num_classes)).astype(np.float32) * 2.5
-    cached, topk, order, lse = cache_views(full, k, id_dtype)
+    cached, topk, order, log_leftover = cache_views(full, k, id_dtype)
 
-    log_probs = sparse_teacher_log_probs(cached["topk_logits"], cached["topk_ids"], cached["lse"], num_classes)
+    log_probs = sparse_teacher_log_probs(cached["topk_logprobs"], cached["topk_ids"], cached["log_leftover"],
+                                         num_classes)
 
     expected = np.empty((batch, num_classes))
-    top_probs = np.exp(topk - lse[:, None])
-    leftover = 1.0 - top_probs.sum(axis=1)
+    top_probs = np.exp(topk)
+    leftover = np.exp(log_leftover)
     assert (leftover > 0).all()
     expected[:] = (leftover / (num_classes - k))[:, None]
     np.put_along_axis(expected, order, top_probs, axis=1)
+    expected /= expected.sum(axis=1, keepdims=True)  # float16 rounding leaves the stored sum a hair off 1
     probs = log_probs.exp().double().numpy()
     assert log_probs.dtype == torch.float32
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
@@ -132,26 +141,23 @@ def test_sparse_distribution_at_other_tau_is_softmax_of_completed_logits(tau):
     rng = np.random.default_rng(2)
     batch, num_classes, k = 4, 9, 3
     full = rng.normal(size=(batch, num_classes)).astype(np.float32) * 3
-    cached, topk, order, lse = cache_views(full, k, np.int32)
+    cached, topk, order, log_leftover = cache_views(full, k, np.int32)
 
     log_probs = sparse_teacher_log_probs(
-        cached["topk_logits"], cached["topk_ids"], cached["lse"], num_classes, tau=tau
+        cached["topk_logprobs"], cached["topk_ids"], cached["log_leftover"], num_classes, tau=tau
     )
 
-    leftover = 1.0 - np.exp(topk - lse[:, None]).sum(axis=1)
-    completed = np.repeat((lse + np.log(leftover / (num_classes - k)))[:, None], num_classes, axis=1)
+    completed = np.repeat((log_leftover - np.log(num_classes - k))[:, None], num_classes, axis=1)
     np.put_along_axis(completed, order, topk, axis=1)
     expected = np.exp(np_log_softmax(completed / tau))
     np.testing.assert_allclose(log_probs.exp().double().numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_negative_leftover_is_clamped_and_stays_finite():
+def test_no_leftover_gives_the_missing_classes_nothing_and_stays_finite():
     num_classes = 6
     topk = torch.tensor([[2.0, 1.0, 0.5], [0.0, -0.5, -4.0]], dtype=torch.float16)
-    true_lse = torch.logsumexp(topk.float(), dim=1)
-    lse = true_lse - 1e-3  # the top-K probabilities now sum to slightly more than 1
+    lse = torch.full((2,), float("-inf"))  # the stored code for "nothing outside the top-K"
     ids = torch.tensor([[5, 0, 2], [1, 3, 4]], dtype=torch.int32)
-    assert (torch.exp(topk.float() - lse[:, None]).sum(dim=1) > 1).all()
 
     for tau in (1.0, 3.0):
         log_probs = sparse_teacher_log_probs(topk, ids, lse, num_classes, tau=tau)
@@ -165,7 +171,7 @@ def test_negative_leftover_is_clamped_and_stays_finite():
 
     dist_logits = torch.randn(2, num_classes, requires_grad=True)
     class_logits = torch.randn(2, num_classes, requires_grad=True)
-    cached = {"topk_logits": topk, "topk_ids": ids, "lse": lse}
+    cached = {"topk_logprobs": topk, "topk_ids": ids, "log_leftover": lse}
     uniform_target = torch.full((2, num_classes), 1 / num_classes)
     parts = deit_loss(class_logits, dist_logits, uniform_target, cached, "soft", 0.5, 2.0)
     parts["loss"].backward()
@@ -181,7 +187,7 @@ def test_full_cache_with_a_peaked_teacher_has_no_nan(tau):
     log_probs = sparse_teacher_log_probs(topk, ids, lse, num_classes, tau=tau)
     assert torch.isfinite(log_probs).all()
     torch.testing.assert_close(log_probs.exp().sum(dim=1), torch.ones(1))
-    cached = {"topk_logits": topk, "topk_ids": ids, "lse": lse}
+    cached = {"topk_logprobs": topk, "topk_ids": ids, "log_leftover": lse}
     parts = deit_loss(torch.zeros(1, 5), torch.zeros(1, 5), torch.full((1, 5), 0.2), cached, "soft", 0.5, tau)
     assert all(torch.isfinite(value) for value in parts.values())
 
@@ -214,7 +220,8 @@ def test_hard_mode_learns_the_cached_top1_id():
     rng = np.random.default_rng(3)
     batch, num_classes = 4, 8
     ids = torch.tensor([[6, 1, 2], [0, 7, 5], [3, 3, 3], [7, 0, 1]], dtype=torch.int32)
-    cached = {"topk_logits": torch.zeros(batch, 3, dtype=torch.float16), "topk_ids": ids, "lse": torch.zeros(batch)}
+    cached = {"topk_logprobs": torch.zeros(batch, 3, dtype=torch.float16), "topk_ids": ids,
+              "log_leftover": torch.zeros(batch)}
     dist_logits = rng.normal(size=(batch, num_classes))
     parts = deit_loss(
         torch.zeros(batch, num_classes),
@@ -257,7 +264,8 @@ def test_gradients_reach_both_heads(mode):
     batch, num_classes = 4, 7
     full = torch.randn(batch, num_classes) * 3
     topk, ids = full.topk(3, dim=1)
-    cached = {"topk_logits": topk.half(), "topk_ids": ids.to(torch.uint16), "lse": torch.logsumexp(full, dim=1)}
+    cached = sparse_teacher_answers(full, 3)
+    cached["topk_ids"] = cached["topk_ids"].to(torch.uint16)
     class_logits = torch.randn(batch, num_classes, requires_grad=True)
     dist_logits = torch.randn(batch, num_classes, requires_grad=True)
     target = mixed_target(torch.arange(batch), torch.arange(batch).flip(0), torch.rand(batch), num_classes, 0.1)
@@ -306,20 +314,20 @@ def test_alpha_outside_unit_interval_is_rejected():
 
 def test_missing_cached_answers_are_named():
     logits = torch.zeros(2, 3)
-    cached = {"topk_logits": torch.zeros(2, 3), "lse": torch.zeros(2)}
+    cached = {"topk_logprobs": torch.zeros(2, 3), "log_leftover": torch.zeros(2)}
     with pytest.raises(ValueError, match=r"mode 'soft' needs .* batch lacks topk_ids; attach them"):
         deit_loss(logits, logits, logits, cached, "soft", 0.5, 1.0)
-    with pytest.raises(ValueError, match=r"batch lacks topk_logits, topk_ids, lse"):
+    with pytest.raises(ValueError, match=r"batch lacks topk_logprobs, topk_ids, log_leftover"):
         deit_loss(logits, logits, logits, None, "hard", 0.5, 1.0)
 
 
 def test_cache_with_more_logits_than_classes_is_rejected():
-    with pytest.raises(ValueError, match=r"K=5 .* num_classes=4; K must not exceed the class count"):
+    with pytest.raises(ValueError, match=r"K=5 classes per view but the student has num_classes=4; K must not exceed the class count"):
         sparse_teacher_log_probs(torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.int32), torch.zeros(2), 4)
 
 
 def test_mismatched_cached_shapes_are_rejected():
-    with pytest.raises(ValueError, match=r"mismatched shapes: topk_logits \(2, 3\), topk_ids \(2, 2\), lse \(2,\)"):
+    with pytest.raises(ValueError, match=r"mismatched shapes: topk_logprobs \(2, 3\), topk_ids \(2, 2\), log_leftover \(2,\)"):
         sparse_teacher_log_probs(torch.zeros(2, 3), torch.zeros(2, 2, dtype=torch.int32), torch.zeros(2), 4)
 
 
@@ -337,8 +345,8 @@ def test_labelled_mask_restricts_the_ground_truth_terms_to_labelled_views():
     target = mixed_target(torch.randint(0, c, (b,)), torch.randint(0, c, (b,)), torch.rand(b), c, 0.1)
     labelled = torch.tensor([True, False, True, False, False, True])
     ids = torch.argsort(-torch.randn(b, c), dim=1).to(torch.int32)
-    cached = {"topk_logits": torch.randn(b, c).sort(dim=1, descending=True).values.half(), "topk_ids": ids,
-              "lse": torch.full((b,), 3.0)}
+    cached = {"topk_logprobs": torch.randn(b, c).sort(dim=1, descending=True).values.half(), "topk_ids": ids,
+              "log_leftover": torch.full((b,), -3.0)}
 
     def ce(logits, rows):
         z = logits.numpy().astype(np.float64)

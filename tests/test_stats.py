@@ -40,16 +40,17 @@ def _params(partner: int, lam: float) -> np.ndarray:
     values = dict.fromkeys(views.PARAM_FIELDS, 0.0)
     values |= {f"ra{i}_op": -1.0 for i in range(views.MAX_RA_OPS)}
     values |= {"mix_mode": 1.0 if lam < 1 else 0.0, "mix_partner": float(partner), "mix_lam": lam}
-    return np.array([values[f] for f in views.PARAM_FIELDS], np.float32)
+    return views.quantise_params(np.array([values[f] for f in views.PARAM_FIELDS], np.float32))
 
 
 def _answers(rng, n):
-    """Sorted top-K float16 logits, their ids and the float32 logsumexp of a full random logit vector."""
-    full = rng.normal(0, 1.5, size=(n, C)).astype(np.float32)
+    """Sorted top-K float16 log-probabilities, their ids and the log leftover of a full random logit vector."""
+    full = rng.normal(0, 1.5, size=(n, C))
     ids = np.argsort(-full, axis=1, kind="stable")[:, :K]
-    logits = np.take_along_axis(full, ids, 1).astype(np.float16)
-    lse = np.log(np.exp(full.astype(np.float64)).sum(1)).astype(np.float32)
-    return logits, ids.astype(np.uint16), lse
+    log_p = full - np.log(np.exp(full).sum(1, keepdims=True))
+    logits = np.take_along_axis(log_p, ids, 1).astype(np.float16)
+    rest = np.exp(log_p).sum(1) - np.exp(np.take_along_axis(log_p, ids, 1)).sum(1)
+    return logits, ids.astype(np.uint16), np.log(rest).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -79,31 +80,35 @@ def synthetic_cache(tmp_path_factory):
                 params[pos] = _params(int(rng.integers(n)), float(rng.choice([0.3, 0.5, 0.7, 1.0])))
             if shard == SKIPPED[0]:  # mostly the skipped partner's: stage 1 mixed the view with itself instead
                 params[0] = _params(SKIPPED[1], 0.3)
-            digest = np.where(labels[shard] >= 0, rng.integers(1, 2**63, size=P), 0).astype(np.uint64)
+            digest = np.where(labels[shard] >= 0, rng.integers(1, 2**32, size=P), 0).astype(np.uint32)
             cache.write_unit(root, "train", epoch, shard, {
-                "topk_logits": logits[None], "topk_ids": ids[None], "lse": lse[None], "digest": digest[None],
+                "topk_logprobs": logits[None], "topk_ids": ids[None], "log_leftover": lse[None], "digest": digest[None],
                 "view": params[None], "labels": labels[shard][None]})
     logits, ids, lse = _answers(rng, VAL_COUNTS[0])
     val_labels = np.array([[0, 0, 1, 2, 2, 3, 4, 4]], np.int32)
-    cache.write_unit(root, "val", None, 0, {"topk_logits": logits[None], "topk_ids": ids[None], "lse": lse[None],
-                                            "digest": np.ones((1, VAL_COUNTS[0]), np.uint64), "labels": val_labels})
+    cache.write_unit(root, "val", None, 0, {"topk_logprobs": logits[None], "topk_ids": ids[None],
+                                            "log_leftover": lse[None], "digest": np.ones((1, VAL_COUNTS[0]), np.uint32),
+                                            "labels": val_labels})
     return path
 
 
 # --------------------------------------------------------------------------------------------- independent numbers
 
 
-def _entropy(logits, lse):
-    """Closed form: the top-K probabilities plus the leftover spread evenly over the C - K other classes."""
-    p = np.exp(logits.astype(np.float64) - float(lse))
-    rest = max(0.0, 1.0 - p.sum())
+def _entropy(log_p, code):
+    """Closed form: the top-K probabilities plus the leftover (read from its stored code as the README says)
+    spread evenly over the C - K other classes, renormalised as the loss does."""
+    p = np.exp(log_p.astype(np.float64))
+    rest = math.exp(-float(code) / 1024)
+    p, rest = p / (p.sum() + rest), rest / (p.sum() + rest)
     h = -sum(x * math.log(x) for x in p if x > 0)
     return h - (rest * math.log(rest / (C - K)) if rest > 0 else 0.0)
 
 
 def _expected_train(path):
     raw = zarr.open_group(path, mode="r")
-    arrays = {name: raw["train"][name][...] for name in ("topk_logits", "topk_ids", "lse", "digest", "view", "done")}
+    arrays = {name: raw["train"][name][...] for name in ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view",
+                                                         "done")}
     labels = raw["train"]["labels"][...]
     labelled = arrays["done"][0]  # the epoch-0 units write the labels
     out = {}
@@ -115,12 +120,12 @@ def _expected_train(path):
             for pos in range(P):
                 if arrays["digest"][epoch, shard, pos] == 0:
                     continue
-                z, lse = arrays["topk_logits"][epoch, shard, pos], arrays["lse"][epoch, shard, pos]
-                mass.append(np.exp(z.astype(np.float64) - float(lse)).sum())
-                entropy.append(_entropy(z, lse))
+                z, code = arrays["topk_logprobs"][epoch, shard, pos], arrays["log_leftover"][epoch, shard, pos]
+                mass.append(np.exp(z.astype(np.float64)).sum())
+                entropy.append(_entropy(z, code))
                 if not labelled[shard]:
                     continue
-                partner, lam = views.mix_target(arrays["view"][epoch, shard, pos])
+                partner, lam = views.mix_target(views.decode_params(arrays["view"][epoch, shard, pos]))
                 if labels[shard, partner] < 0:
                     partner = pos
                 target = labels[shard, pos] if lam >= 0.5 else labels[shard, partner]
@@ -362,11 +367,11 @@ def test_a_pickle_planted_as_a_checkpoint_is_not_executed(tiny_cache, tmp_path):
     (run / "result.json").write_text(json.dumps({"cache_fingerprint": tiny_cache.open().attrs["fingerprint"],
                                                  "config": to_dict(m)}))
     marker = tmp_path / "pwned"
-    torch.save({"model": _Planted(marker)}, run / "checkpoint.pt")
-    with pytest.raises(StatsError, match=r"checkpoint.pt holds more than tensors and plain data, so it was not loaded"):
+    torch.save({"model": _Planted(marker)}, run / "last.pth")
+    with pytest.raises(StatsError, match=r"last.pth holds more than tensors and plain data, so it was not loaded"):
         compute(str(tiny_cache.cache_path), [run])
     assert not marker.exists()
-    torch.load(run / "checkpoint.pt", weights_only=False)  # the plant is real: a plain load runs it
+    torch.load(run / "last.pth", weights_only=False)  # the plant is real: a plain load runs it
     assert marker.exists()
 
 

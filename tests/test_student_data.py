@@ -41,11 +41,12 @@ def test_replayed_views_are_the_views_the_teacher_saw(tiny_cache):
             assert (shard, pos) != BAD
             view = batch["views"][i].numpy()
             assert (views.view_digest(view) or 1) == int(train["digest"][0, shard, pos])
-            np.testing.assert_array_equal(batch["topk_logits"][i].numpy(), train["topk_logits"][0, shard, pos])
+            np.testing.assert_array_equal(batch["topk_logprobs"][i].numpy(), train["topk_logprobs"][0, shard, pos])
             np.testing.assert_array_equal(batch["topk_ids"][i].numpy(), train["topk_ids"][0, shard, pos])
-            assert batch["lse"][i].item() == train["lse"][0, shard, pos]
+            code = int(train["log_leftover"][0, shard, pos])  # the stored code; 65535: nothing outside the top-K
+            assert batch["log_leftover"][i].item() == (-np.inf if code == 65535 else -code / 1024)
             assert batch["labels"][i].item() == train["labels"][shard, pos]
-            partner, lam = views.mix_target(train["view"][0, shard, pos])
+            partner, lam = views.mix_target(views.decode_params(train["view"][0, shard, pos]))
             partner = pos if (shard, partner) == BAD else partner
             assert batch["partner_labels"][i].item() == train["labels"][shard, partner]
             assert batch["lam"][i].item() == lam
@@ -154,7 +155,7 @@ def test_loader_resumes_inside_an_epoch_with_workers(tiny_cache):
         tail = _epoch(data, 0, skip=skip)
         assert len(tail) == len(full) - skip
         for a, b in zip(full[skip:], tail):
-            for name in ("shard", "pos", "views", "topk_logits", "lam"):
+            for name in ("shard", "pos", "views", "topk_logprobs", "lam"):
                 assert torch.equal(a[name], b[name]), (skip, name)
 
 
@@ -347,7 +348,7 @@ def test_loader_with_repeats_resumes_inside_an_epoch_and_ignores_the_worker_coun
         tail = batches(3, skip)[1]
         assert len(tail) == len(full) - skip
         for a, b in zip(full[skip:], tail):
-            for name in ("shard", "pos", "cache_epoch", "views", "topk_logits", "lam"):
+            for name in ("shard", "pos", "cache_epoch", "views", "topk_logprobs", "lam"):
                 assert torch.equal(a[name], b[name]), (skip, name)
     # the views a worker count yields are the same (shard, pos, cache epoch) -> the same pixels and answers
     one = batches(1)[1]
@@ -355,7 +356,7 @@ def test_loader_with_repeats_resumes_inside_an_epoch_and_ignores_the_worker_coun
     def by_key(batch_list):
         return {(s, p, e): (v.numpy().tobytes(), t.numpy().tobytes()) for b in batch_list
                 for s, p, e, v, t in zip(b["shard"].tolist(), b["pos"].tolist(), b["cache_epoch"].tolist(),
-                                         b["views"], b["topk_logits"])}
+                                         b["views"], b["topk_logprobs"])}
 
     a, b = by_key(full), by_key(one)
     common = set(a) & set(b)

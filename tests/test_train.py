@@ -55,7 +55,7 @@ def test_cached_answers_give_the_online_teachers_losses(tiny_cache, tmp_path, mo
     train(tiny_cache.manifest(*overrides, run_dir=tmp_path / "online"), answers="online", progress=False)
     cached, online = _records(tmp_path / "cached"), _records(tmp_path / "online")
     assert len(cached) == len(online) == 12
-    # the stored logits (up to about +-10) carry float16's relative rounding of 2**-11; the losses then move
+    # the stored log-probabilities (up to about -10) carry float16's relative rounding of 2**-11; the losses move
     # by about 1e-4 relative, while an answer for another view would move them by tenths
     for part in ("loss", "base", "distill"):
         a = np.array([r[part] for r in cached])
@@ -190,10 +190,10 @@ def test_non_finite_loss_names_the_step_before_the_optimizer_step(tiny_cache, tm
 
     def poisoned(batch):  # the teacher's answers turn to NaN at the third step
         calls.append(1)
-        logits = batch["topk_logits"].float()
+        logits = batch["topk_logprobs"].float()
         if len(calls) == 3:
             logits = torch.full_like(logits, float("nan"))
-        return {"topk_logits": logits, "topk_ids": batch["topk_ids"], "lse": batch["lse"]}
+        return {"topk_logprobs": logits, "topk_ids": batch["topk_ids"], "log_leftover": batch["log_leftover"]}
 
     m = tiny_cache.manifest("student.distillation=soft", "student.ckpt_every=1", run_dir=tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 \(epoch 0\): loss=nan, base=[0-9.]+, "

@@ -18,6 +18,7 @@ from pipeline.cli import main
 from pipeline.manifest import load
 from pipeline.reader import read_shard
 from pipeline.shards import load_shardlist
+from pipeline.losses import sparse_teacher_answers
 from pipeline.teacher import load_teacher, normalize
 from pipeline.teacher_cache import run as fill_cache
 
@@ -82,7 +83,7 @@ def test_clean_cache_passes_and_agrees_with_a_direct_recomputation(built):
     for shard, positions in _sampled(built, "train").items():
         samples = {s.pos: s for s in read_shard(shardlist, shard)}
         for epoch in range(epochs):
-            stored_views = root["train"]["view"][epoch, shard]
+            stored_views = views.decode_params(root["train"]["view"][epoch, shard])
             x = []
             for pos in positions:
                 partner, _ = views.mix_target(stored_views[pos])
@@ -92,10 +93,12 @@ def test_clean_cache_passes_and_agrees_with_a_direct_recomputation(built):
             with torch.no_grad():
                 logits = teacher.model(normalize(torch.from_numpy(np.stack(x)), teacher.mean, teacher.std))
             ids = root["train"]["topk_ids"][epoch, shard][positions].astype(np.int64)
-            cached = root["train"]["topk_logits"][epoch, shard][positions].astype(np.float64)
-            worst = max(worst, float(np.abs(cached - np.take_along_axis(logits.double().numpy(), ids, 1)).max()))
-    assert report.splits["train"].max_logit_error == pytest.approx(worst, abs=1e-4)
-    assert worst < 0.01  # float16 rounding of logits of a few units
+            cached = np.exp(root["train"]["topk_logprobs"][epoch, shard][positions].astype(np.float64))
+            p = torch.softmax(logits.double(), dim=1).numpy()
+            worst = max(worst, float(np.abs(cached - np.take_along_axis(p, ids, 1)).max()))
+    assert report.splits["train"].max_prob_error == pytest.approx(worst, abs=1e-6)
+    assert worst < verify.Thresholds().max_prob_error / 10  # float16 log-probabilities pass comfortably
+    assert report.splits["train"].max_kl < verify.Thresholds().max_kl / 100
 
 
 def test_every_complete_unit_is_sampled_even_at_a_tiny_share(built):
@@ -118,35 +121,81 @@ def test_sample_is_seeded_and_at_least_one_view_per_shard():
     assert len(verify.sample_positions(labels, 1e-9, 7, "train")[1]) == 1
 
 
-def test_a_wrong_cached_logit_fails_and_names_the_view(built, tmp_path):
+def test_a_wrong_cached_probability_fails_and_names_the_view(built, tmp_path):
     path = built.copy(tmp_path)
     shard, positions = next(iter(_sampled(built, "train").items()))
     pos = int(positions[0])
-    arr = cache.open_cache(path, mode="r+")["train"]["topk_logits"]
+    arr = cache.open_cache(path, mode="r+")["train"]["topk_logprobs"]
     arr[1, shard, pos, 2] = arr[1, shard, pos, 2] + np.float16(0.5)  # rewritten through zarr: the checksum holds
     report = verify.verify_cache(built.manifest(), path, share=0.3)
     assert not report.passed
     sr = report.splits["train"]
-    assert len(sr.logit_violations) == 1
-    assert sr.logit_violations[0].startswith(f"train epoch 1, shard {shard} position {pos} (key ")
-    assert sr.max_logit_error == pytest.approx(0.5, abs=0.01)
-    assert re.search(r"train: 1 views have cached logits off by more than float16 rounding \+ 0\.001 \+ 0\.03 x "
-                     r"the view's largest \|logit\| \(--logit-atol/--logit-rtol\)", report.failures[0])
-    # a wider tolerance lets the same cache pass: the thresholds are options
-    loose = verify.Thresholds(logit_atol=1.0)
+    assert len(sr.violations) == 1
+    assert sr.violations[0].startswith(f"train epoch 1, shard {shard} position {pos} (key ")
+    assert re.search(r"train: 1 views have cached probabilities off by more than 0\.002 per class, 0\.002 in "
+                     r"leftover mass or 0\.001 nats of KL \(--max-prob-error/--max-leftover-error/--max-kl\)",
+                     report.failures[0])
+    # wider limits let the same cache pass: the thresholds are options
+    loose = verify.Thresholds(max_prob_error=1.0, max_kl=1.0)
     assert verify.verify_cache(built.manifest(), path, share=0.3, thresholds=loose).passed
 
 
-def test_a_wrong_cached_logsumexp_and_val_answers_are_caught(built, tmp_path):
+def test_wrong_val_answers_are_caught(built, tmp_path):
     path = built.copy(tmp_path)
     shard, positions = next(iter(_sampled(built, "val").items()))
     pos = int(positions[-1])
     val = cache.open_cache(path, mode="r+")["val"]
-    val["lse"][shard, pos] = val["lse"][shard, pos] + 1.0
+    val["topk_logprobs"][shard, pos] = val["topk_logprobs"][shard, pos] - np.float16(0.3)
     report = verify.verify_cache(built.manifest(), path, share=0.3)
-    assert not report.passed and report.splits["train"].lse_violations == []
-    assert report.splits["val"].lse_violations[0].startswith(f"val shard {shard} position {pos}")
-    assert any(f.startswith("val: 1 views have a cached logsumexp off") for f in report.failures)
+    assert not report.passed and report.splits["train"].violations == []
+    assert report.splits["val"].violations[0].startswith(f"val shard {shard} position {pos}")
+    assert any(f.startswith("val: 1 views have cached probabilities off") for f in report.failures)
+
+
+def _confident_logits(rng, n=512, classes=1000):
+    """ImageNet-like teacher outputs of mixed confidence: a N(0, 1.5^2) bulk, the top class 2-20 above it."""
+    z = rng.normal(0.0, 1.5, (n, classes))
+    z[np.arange(n), rng.integers(classes, size=n)] += rng.uniform(2.0, 20.0, n)
+    return z
+
+
+def _check(stored, logits):
+    report = verify.SplitReport("train")
+    where = [f"view {i}" for i in range(len(logits))]
+    verify.compare_answers(report, stored, logits.astype(np.float32), where, verify.Thresholds())
+    return report
+
+
+def test_stored_tail_draws_are_checked_against_the_recomputed_teacher():
+    rng = np.random.default_rng(1)
+    z = _confident_logits(rng, n=256)
+    z[:, :50] += 3.0  # a heavier tail, so the drawn classes carry visible mass
+    uniforms = torch.from_numpy(rng.random((len(z), 16)))
+    stored = {name: value.numpy() for name, value in
+              sparse_teacher_answers(torch.from_numpy(z).float(), 10, uniforms).items()}
+    assert not _check(stored, z).violations
+    moved = {**stored, "tail_ids": (stored["tail_ids"] + 1) % 1000}  # each draw now names its neighbour class
+    assert len(_check(moved, z).violations) > len(z) // 4  # the views whose draws carry more than 2e-3
+
+
+@pytest.mark.parametrize("k", [10, 1000])
+def test_probability_thresholds_pass_float16_and_fail_a_perturbed_teacher_or_a_swapped_class(k):
+    rng = np.random.default_rng(0)
+    z = _confident_logits(rng)
+    stored = {name: value.numpy() for name, value in sparse_teacher_answers(torch.from_numpy(z).float(), k).items()}
+    clean = _check(stored, z)
+    t = verify.Thresholds()
+    assert not clean.violations and clean.top1_agree == len(z)
+    # comfortably: ten times below the limits (four for the leftover, stored to a relative 4.9e-4 of up to 0.8)
+    assert clean.max_prob_error < t.max_prob_error / 10 and clean.max_kl < t.max_kl / 10
+    assert clean.max_leftover_error < t.max_leftover_error / 4
+    # a teacher whose logits moved by 1% of each view's logit range
+    spread = z.max(1, keepdims=True) - z.min(1, keepdims=True)
+    moved = _check(stored, z + 0.01 * spread * rng.standard_normal(z.shape))
+    assert len(moved.violations) > len(z) // 10
+    # one pair of classes swapped in every view's stored ids
+    swapped = {**stored, "topk_ids": stored["topk_ids"][:, [1, 0, *range(2, k)]]}
+    assert len(_check(swapped, z).violations) > len(z) // 2
 
 
 def test_top1_disagreement_beyond_the_share_fails(built, tmp_path):
@@ -156,13 +205,13 @@ def test_top1_disagreement_beyond_the_share_fails(built, tmp_path):
     ids = cache.open_cache(path, mode="r+")["train"]["topk_ids"]
     row = ids[0, shard, pos]
     ids[0, shard, pos] = np.concatenate([row[-1:], row[:-1]])  # the weakest class now claims top-1
-    no_logit_gate = verify.Thresholds(logit_atol=1e6)  # leave only the top-1 gate
+    no_logit_gate = verify.Thresholds(max_prob_error=1e6, max_kl=1e6)  # leave only the top-1 gate
     report = verify.verify_cache(built.manifest(), path, share=0.3, thresholds=no_logit_gate)
     sr = report.splits["train"]
     assert sr.top1_agree == sr.compared - 1
     assert sr.topk_set_agree == sr.compared and sr.topk_order_agree == sr.compared - 1
     assert sr.top1_disagreements == [] and report.passed  # within the (huge) tolerance: counted as a near-tie
-    strict = verify.Thresholds(logit_atol=0.0, logit_rtol=0.0, max_top1_disagreement=0.0)
+    strict = verify.Thresholds(max_prob_error=0.0, max_top1_disagreement=0.0)
     report = verify.verify_cache(built.manifest(), path, share=0.3, thresholds=strict)
     assert any(re.match(rf"train: the teacher's top-1 now differs on 1 of \d+ views \(more than 0\.00%\); first: "
                         rf"train epoch 0, shard {shard} position {pos}", f) for f in report.failures)
@@ -173,7 +222,7 @@ def test_digest_mismatch_fails_on_the_command_line_with_table_and_json(built, tm
     shard, positions = next(iter(_sampled(built, "train").items()))
     pos = int(positions[0])
     digest = cache.open_cache(path, mode="r+")["train"]["digest"]
-    digest[0, shard, pos] = digest[0, shard, pos] ^ np.uint64(1)
+    digest[0, shard, pos] = digest[0, shard, pos] ^ np.uint32(1)
     out = tmp_path / "report.json"
     result = built.cli(path, "--sample", "0.3", "--json", str(out))
     assert result.exit_code == 1, result.output
@@ -204,7 +253,7 @@ def test_version_drift_is_named_and_the_digests_decide(built, tmp_path, monkeypa
     path = built.copy(tmp_path)
     shard, positions = next(iter(_sampled(built, "val").items()))
     digest = cache.open_cache(path, mode="r+")["val"]["digest"]
-    digest[shard, positions[0]] = np.uint64(12345)
+    digest[shard, positions[0]] = np.uint32(12345)
     report = verify.verify_cache(built.manifest(), path, share=0.3)
     assert any(f"(the installed versions differ from the cache's: torch 9.9.9 (cache: {cached['torch']}), pillow 1.0"
                in f for f in report.failures)
@@ -231,9 +280,9 @@ def _chunk(path, split, name, coords):
 
 def test_a_flipped_byte_is_named_with_array_chunk_and_unit(built, tmp_path):
     path = built.copy(tmp_path)
-    _flip_byte(_chunk(path, "train", "topk_logits", (1, 2, 0, 0)))
+    _flip_byte(_chunk(path, "train", "topk_logprobs", (1, 2, 0, 0)))
     root = cache.open_cache(path)
-    message = (r"train/topk_logits chunk \(1, 2, 0, 0\) \(.*/train/topk_logits/c/1/2/0/0\) is corrupt \(Stored and "
+    message = (r"train/topk_logprobs chunk \(1, 2, 0, 0\) \(.*/train/topk_logprobs/c/1/2/0/0\) is corrupt \(Stored and "
                r"computed checksum do not match.*\); it belongs to train unit \(epoch 1, shard group 2, shards \[2\]\)\. "
                r"Nothing was read from it: restore the cache from a copy, or delete .*/train/done/c/1/2 \(the unit's "
                r"done flag\) and resume `make teacher-cache` to recompute the unit")
@@ -261,10 +310,10 @@ def test_flipped_bytes_in_labels_and_done_flags_are_named(built, tmp_path):
 
 def test_a_deleted_chunk_of_a_complete_unit_is_an_error_not_zeros(built, tmp_path):
     path = built.copy(tmp_path)
-    Path(_chunk(path, "train", "lse", (0, 1, 0))).unlink()
+    Path(_chunk(path, "train", "log_leftover", (0, 1, 0))).unlink()
     root = cache.open_cache(path)
-    assert (root["train"]["lse"][0, 1] == 0).all()  # what zarr alone would hand out
-    with pytest.raises(cache.CacheError, match=r"train/lse chunk \(0, 1, 0\) \(.*/train/lse/c/0/1/0\) of train unit "
+    assert (root["train"]["log_leftover"][0, 1] == 0).all()  # what zarr alone would hand out
+    with pytest.raises(cache.CacheError, match=r"train/log_leftover chunk \(0, 1, 0\) \(.*/train/log_leftover/c/0/1/0\) of train unit "
                                                r"\(epoch 0, shard group 1, shards \[1\]\), which is marked complete, is "
                                                r"missing; zarr would read it as zeros"):
         cache.read_slab(root, "train", 0, 1)
@@ -280,7 +329,7 @@ def test_a_unit_not_complete_is_reported_and_never_read(built, tmp_path):
     # a partly written unit: its done flag never came, one data chunk half written, a leftover temporary file
     Path(_chunk(path, "train", "done", (1, 4))).unlink()
     Path(_chunk(path, "train", "view", (1, 4, 0, 0))).write_bytes(b"half a chunk")
-    Path(_chunk(path, "train", "lse", (1, 4, 0))).with_suffix(".0a1b.partial").write_bytes(b"x")
+    Path(_chunk(path, "train", "log_leftover", (1, 4, 0))).with_suffix(".0a1b.partial").write_bytes(b"x")
     root = cache.open_cache(path)
     with pytest.raises(cache.CacheError, match=r"train unit \(epoch 1, shard group 4, shards \[4\]\) is not complete: "
                                                r"resume `make teacher-cache` to finish it"):

@@ -122,7 +122,7 @@ def test_global_rngs_change_nothing_and_rendering_does_not_advance_them():
 # --------------------------------------------------------------------------------------------- storage
 
 
-def test_params_are_float32_exact_and_replay_from_their_bytes():
+def test_params_are_on_the_stored_grid_and_replay_from_their_cache_record():
     cfg = ViewsCfg()
     coords = [n for n in V.PARAM_FIELDS if n[-2:] in ("x0", "y0", "x1", "y1")]
     integers = ["interp", "flip", "erase", "erase_seed", "mix_mode", "mix_partner"]
@@ -132,14 +132,14 @@ def test_params_are_float32_exact_and_replay_from_their_bytes():
         assert params.dtype == np.float32 and params.shape == (V.N_PARAMS,) and V.N_PARAMS == len(V.PARAM_FIELDS)
         assert np.array_equal(params.astype(np.float64).astype(np.float32), params)
         for name in coords:
-            scaled = field(params, name) * 2**16
-            assert scaled == int(scaled) and 0 <= field(params, name) <= 1, name
+            steps = round(field(params, name) * 65535)
+            assert np.float32(steps / 65535) == np.float32(field(params, name)) and 0 <= steps <= 65535, name
         for name in integers:
             assert field(params, name) == int(field(params, name)) and abs(field(params, name)) < 2**24, name
-        # the bytes a cache would hold decode to the same view
-        stored = np.frombuffer(params.tobytes(), dtype=np.float32)
+        # the record a cache would hold decodes to the same view
+        stored = V.decode_params(np.frombuffer(V.encode_params(params).tobytes(), dtype=np.uint8))
         q, _ = V.mix_target(stored)
-        partner = np.frombuffer(V.sample_params(cfg, 1, 0, q, len(SHARD), SHARD[q].size, size=SIZE).tobytes(), dtype=np.float32)
+        partner = V.decode_params(V.encode_params(V.sample_params(cfg, 1, 0, q, len(SHARD), SHARD[q].size, size=SIZE)))
         _, view = render_view(cfg, SHARD, 1, 0, p, SIZE)
         replay = V.render(SHARD[p], stored, SIZE, cfg, SHARD[q], partner)
         assert V.view_digest(replay) == V.view_digest(view)
@@ -445,7 +445,7 @@ def test_param_statistics_follow_the_recipe():
         assert 3 / 4 - 1e-2 <= (x1 - x0) * 4000 / ((y1 - y0) * 3000) <= 4 / 3 + 1e-2
         if v["mix"] and v["mix"]["mode"] == "cutmix":  # whole pixels at the teacher's size, lam = their share
             x0, y0, x1, y1 = (V._px(b, SIZE) for b in v["mix"]["box"])
-            assert v["mix"]["lam"] == np.float32(1 - (x1 - x0) * (y1 - y0) / SIZE**2)
+            assert abs(v["mix"]["lam"] - (1 - (x1 - x0) * (y1 - y0) / SIZE**2)) <= 0.5 / 65535 + 1e-7  # lam's uint16 step
             if 0 < x0 and x1 < SIZE and 0 < y0 and y1 < SIZE:  # timm's rand_bbox: a square of side sqrt(1 - lam)
                 assert x1 - x0 == y1 - y0
     for (p, _), v, (a, b) in zip(draws, d, lone):  # the partner: another position less than a window away
@@ -642,7 +642,9 @@ def test_stored_cutmix_lambda_is_the_pixel_share_the_teacher_saw(size):
         partner = V.sample_params(cfg, 0, 0, q, 16, other.size, size=size)
         view = V.render(own, params, size, cfg, other, partner)
         partner_share = float((view == 255).all(-1).mean())
-        assert lam == np.float32(1.0 - partner_share)
+        assert abs(lam - (1.0 - partner_share)) <= 0.5 / 65535 + 1e-7  # the pixel share, to lam's uint16 step
+        assert lam == V.quantise_params(np.float32(1.0 - partner_share) * np.ones(V.N_PARAMS, np.float32))[
+            V.PARAM_FIELDS.index("mix_lam")]  # and exactly its stored code
         checked += 1
     assert checked > 8
 
