@@ -30,8 +30,14 @@ class DataCfg:
 
     train: str = "data/digits/train/shardlist.json"
     val: str = "data/digits/val/shardlist.json"
-    builtin: Literal["digits", "none"] = "digits"  # what `make shards` builds when no SRC is given
+    builtin: Literal["digits", "fashion_mnist", "none"] = "digits"  # what `make shards` builds when no SRC is given
     shard_size: int = 300
+    # the held-out test split (a shard list): evaluated once per run by `distill demo`, never used to choose
+    test: str | None = None
+    # fashion_mnist only: the train subset's size (None = all 60,000 but val) and the validation split carved
+    # from the rest of the train file (disjoint, stratified, drawn from the shards' seed)
+    train_size: int | None = None
+    val_size: int = 1000
     on_error: Literal["raise", "skip"] = "raise"
 
 
