@@ -41,15 +41,27 @@ def _sweep(manifest_path: Path, sweep_path: Path, sweep_dir: Path, jobs: int) ->
                                    f"to retry the runs that did not finish")
 
 
-def _timed(seconds: dict, stage: str):
-    class Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
+class StageSeconds(dict):
+    """Wall seconds per stage, kept in a file and added up over resumed invocations (a stage found done costs
+    next to nothing, so the totals are the work's own time)."""
 
-        def __exit__(self, *exc):
-            seconds[stage] = round(time.perf_counter() - self.start, 1)
+    def __init__(self, path: Path):
+        super().__init__(json.loads(path.read_text()) if path.is_file() else {})
+        self.path = path
 
-    return Timer()
+    def timed(self, stage: str):
+        seconds = self
+
+        class Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - self.start, 1)
+                seconds.path.parent.mkdir(parents=True, exist_ok=True)
+                seconds.path.write_text(json.dumps(seconds, indent=1) + "\n")
+
+        return Timer()
 
 
 @click.command("demo")
@@ -77,8 +89,9 @@ def demo(m, out, seeds, modes, jobs, timing_epochs, progress):
     from stages.teacher import train_demo_teacher
 
     out, seeds, modes = Path(out), _ints(seeds), [x.strip() for x in modes.split(",") if x.strip()]
-    seconds = {}
-    with _timed(seconds, "shards"):
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = StageSeconds(out / "seconds.json")
+    with seconds.timed("shards"):
         if not all(Path(p).exists() for p in (m.data.train, m.data.val, m.data.test or m.data.val)):
             click.echo(f"[1/7] shards ({m.data.builtin})")
             try:
@@ -86,26 +99,25 @@ def demo(m, out, seeds, modes, jobs, timing_epochs, progress):
                     click.echo(f"  {path}")
             except FashionMNISTError as e:
                 raise click.ClickException(str(e)) from None
-    with _timed(seconds, "teacher"):
+    with seconds.timed("teacher"):
         click.echo(f"[2/7] {train_demo_teacher(m)}")
-    with _timed(seconds, "teacher_cache"):
+    with seconds.timed("teacher_cache"):
         click.echo("[3/7] teacher-cache")
         filled = fill_cache(m, progress=progress)
         click.echo(f"  {m.cache.path}: {filled['units_written']} units written, {filled['units_skipped']} already "
                    f"done, {cache.disk_usage(m.cache.path) / max(cache.cached_views(m.cache.path), 1):.1f} bytes/view")
 
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path, sweep_path, sweep_dir = out / "manifest.yaml", out / "sweep.yaml", out / "students"
     manifest_path.write_text(yaml.safe_dump(to_dict(m), sort_keys=False))
     sweep_path.write_text(yaml.safe_dump(protocol.sweep_spec(modes, seeds), sort_keys=False))
-    with _timed(seconds, "students"):
+    with seconds.timed("students"):
         click.echo(f"[4/7] {len(modes) * len(seeds)} students from the one cache: modes {modes} x seeds {seeds}, "
                    f"{jobs} at a time")
         _sweep(manifest_path, sweep_path, sweep_dir, jobs)
 
     runs = {mode: [sweep_dir / protocol.run_name(mode, seed) for seed in seeds] for mode in modes}
     val = {mode: [json.loads((d / RESULT).read_text()) for d in dirs] for mode, dirs in runs.items()}
-    with _timed(seconds, "test"):
+    with seconds.timed("test"):
         click.echo(f"[5/7] the test split, once per run ({m.data.test or 'none: data.test is not set'})")
         # the split every number of the table comes from: test; val only where the manifest has no test split
         split = heldout.TestSplit(m.data.test or m.data.val)
@@ -115,7 +127,7 @@ def demo(m, out, seeds, modes, jobs, timing_epochs, progress):
 
     timing = None
     if timing_epochs:
-        with _timed(seconds, "cached_vs_online"):
+        with seconds.timed("cached_vs_online"):
             click.echo(f"[6/7] cached vs online teacher: one student ({modes[-1]}, seed {seeds[0]}, "
                        f"{timing_epochs} epochs each)")
             timing = {}
@@ -149,20 +161,20 @@ def demo(m, out, seeds, modes, jobs, timing_epochs, progress):
         "modes": per_mode,
         "claim_none_lt_hard": protocol.claim(per_mode, "none", "hard") if {"none", "hard"} <= set(per_mode) else None,
         "cached_vs_online": timing,
-        "seconds": seconds,
         "commit": protocol.commit(),
     }
     click.echo(f"\n[7/7] top-1 % on the {len(split)} {summary['reported_split']} images, mean ± sd over seeds {seeds} "
                f"({out / 'summary.json'})\n{protocol.format_table(summary)}")
     if summary["claim_none_lt_hard"]:
-        for split, c in summary["claim_none_lt_hard"].items():
-            click.echo(f"  none < hard in every seed ({split}, joint): {'yes' if c['holds'] else 'no'} "
+        for where, c in summary["claim_none_lt_hard"].items():
+            click.echo(f"  none < hard in every seed ({where}, joint): {'yes' if c['holds'] else 'no'} "
                        f"(none max {100 * c['none_max']:.1f}, hard min {100 * c['hard_min']:.1f})")
     if timing:
         click.echo(f"  cached vs online teacher ({timing_epochs} epochs): {timing['cached_seconds']} s vs "
                    f"{timing['online_seconds']} s ({timing['online_over_cached']}x), same val top-1: "
                    f"{timing['same_val_top1']}")
     click.echo("\nteacher agreement statistics (make stats)\n")
-    with _timed(seconds, "stats"):
+    with seconds.timed("stats"):
         click.echo(write_stats(m.cache.path, [runs[mode][0] for mode in modes], out / "stats"))
+    summary["seconds"] = dict(seconds)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
