@@ -116,3 +116,25 @@ def test_shards_hold_disjoint_splits_with_the_original_pixels(tmp_path, monkeypa
     assert np.bincount([int(k[5:]) % 10 for k in keys["val"]]).tolist() == [2] * 10  # stratified
     again = fm.write_fashion_mnist(tmp_path / "again", shard_size=16, train_size=40, val_size=20, seed=3)
     assert all(load_shardlist(again[s]).shards[0].sha256 == load_shardlist(paths[s]).shards[0].sha256 for s in paths)
+
+
+def test_the_shards_command_builds_the_builtin_or_says_how_to_get_it(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from stages.shards import shards
+
+    data = tmp_path / "data"
+    args = ["--manifest", "manifests/demo.yaml", "--set", "data.train_size=30", "--set", "data.val_size=20"]
+    for split in ("train", "val", "test"):
+        args += ["--set", f"data.{split}={data / split / 'shardlist.json'}"]
+    monkeypatch.setenv(fm.ENV_VAR, str(tmp_path / "missing"))
+    outcome = CliRunner().invoke(shards, args)
+    assert outcome.exit_code == 1 and "Traceback" not in outcome.output
+    assert "apt-get install dataset-fashion-mnist" in outcome.output and "FASHION_MNIST_DIR" in outcome.output
+    source = tmp_path / "src"
+    source.mkdir()
+    write_fake_set(source)
+    monkeypatch.setenv(fm.ENV_VAR, str(source))
+    outcome = CliRunner().invoke(shards, args)
+    assert outcome.exit_code == 0, outcome.output
+    assert [load_shardlist(data / s / "shardlist.json").num_samples for s in ("train", "val", "test")] == [30, 20, 30]
