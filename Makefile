@@ -26,23 +26,36 @@ DISTILL := $(VENV)/bin/distill
 STAMP   := $(VENV)/.installed
 SPEC    := --manifest $(MANIFEST) $(foreach s,$(SET),--set $(s))
 
-.PHONY: install test demo shards shardlist teacher plan teacher-cache train-student sweep stats \
+.PHONY: install fashion-mnist test demo shards shardlist teacher plan teacher-cache train-student sweep stats \
         inspect-view verify-cache bench real-smoke clean have-shards have-teacher have-cache
 
-install: $(STAMP)
+install: $(STAMP) fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# The demo's data (Fashion-MNIST, no download at run time): Debian's package where apt and root are at hand;
+# elsewhere point FASHION_MNIST_DIR at the four standard IDX files. Never fails: `distill demo` says what is missing.
+FASHION_MNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+fashion-mnist:
+	@if [ -n "$$FASHION_MNIST_DIR" ] || [ -f $(FASHION_MNIST_FILE) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's dataset-fashion-mnist (Fashion-MNIST, 30 MB, into /usr/share/datasets/fashion-mnist)"; \
+	  apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; } \
+	    || echo "could not install dataset-fashion-mnist: set FASHION_MNIST_DIR to the four Fashion-MNIST IDX files"; \
+	else echo "Fashion-MNIST (the demo's data) is not installed: 'sudo apt-get install dataset-fashion-mnist', or set" \
+	  "FASHION_MNIST_DIR to a directory holding the four IDX files (train-images-idx3-ubyte.gz ...)"; fi
+
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP) fashion-mnist
 	$(DISTILL) demo $(SPEC) $(ARGS)
 
-shards: $(STAMP)
+shards: $(STAMP) fashion-mnist
 	$(DISTILL) shards $(if $(SRC),--src $(SRC) --out $(OUT) --shard-size $(SHARD_SIZE),$(SPEC)) $(ARGS)
 
 shardlist: $(STAMP)
@@ -82,7 +95,7 @@ clean:
 	rm -rf data caches runs bench
 
 # Prerequisite steps (no ARGS: those belong to the target asked for). Each skips what is already there.
-have-shards: $(STAMP)
+have-shards: $(STAMP) fashion-mnist
 	$(DISTILL) shards $(SPEC) --if-missing
 
 have-teacher: have-shards

@@ -36,8 +36,14 @@ class DataCfg:
 
     train: str | list[str] = "data/digits/train/shardlist.json"
     val: str | list[str] = "data/digits/val/shardlist.json"
-    builtin: Literal["digits", "none"] = "digits"  # what `make shards` builds when no SRC is given
+    builtin: Literal["digits", "fashion_mnist", "none"] = "digits"  # what `make shards` builds when no SRC is given
     shard_size: int = 300
+    # the held-out test split (a shard list): evaluated once per run by `distill demo`, never used to choose
+    test: str | None = None
+    # fashion_mnist only: the train subset's size (None = all 60,000 but val) and the validation split carved
+    # from the rest of the train file (disjoint, stratified, drawn from the shards' seed)
+    train_size: int | None = None
+    val_size: int = 1000
     on_error: Literal["raise", "skip"] = "raise"
     class_map: str | None = None  # JSON class names for URL specs (default: "0".."<largest cls>")
     allow_pipe: bool = False  # pipe: URLs run shell commands: only with this opt-in (or DISTILL_ALLOW_PIPE=1)
@@ -276,7 +282,7 @@ COUNT, NONNEG, POSITIVE, SHARE = Range(1), Range(0), Range(0, lo_open=True), Ran
 # Every int and float field of the manifest, by dotted key (a test keeps this complete). None is checked by
 # the type (`ema: float | None`), not here.
 RANGES: dict[str, Range] = {
-    "data.shard_size": COUNT,
+    "data.shard_size": COUNT, "data.train_size": COUNT, "data.val_size": COUNT,
     "teacher.img_size": COUNT,
     "teacher.train.epochs": COUNT, "teacher.train.batch_size": COUNT, "teacher.train.lr": POSITIVE,
     "teacher.train.weight_decay": NONNEG, "teacher.train.seed": NONNEG,
@@ -287,7 +293,7 @@ RANGES: dict[str, Range] = {
     "views.mix.mixup_alpha": NONNEG, "views.mix.cutmix_alpha": NONNEG, "views.mix.prob": SHARE,
     "views.mix.switch_prob": SHARE, "views.mix.window": COUNT, "views.repeats": COUNT,
     "cache.epochs": COUNT, "cache.top_k": COUNT, "cache.batch_size": COUNT, "cache.workers": NONNEG,
-    "cache.shards_per_unit": COUNT,
+    "cache.shards_per_unit": COUNT, "cache.tail_samples": NONNEG,
     "student.img_size": COUNT, "student.patch_size": COUNT, "student.alpha": SHARE, "student.tau": POSITIVE,
     "student.epochs": COUNT, "student.batch_size": COUNT, "student.smoothing": Range(0, 1, hi_open=True),
     "student.drop_path": Range(0, 1, hi_open=True), "student.ema": Range(0, 1, lo_open=True, hi_open=True),

@@ -18,17 +18,31 @@ def _summary(path: Path) -> str:
             f"{len(shardlist.classes)} classes -> {path}")
 
 
-def digits_root(manifest) -> Path:
-    """The directory `write_digits` fills so that it produces exactly data.train and data.val."""
+def digits_root(manifest, splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """The directory `write_digits` (or `write_fashion_mnist`, splits train, val, test) fills so that it
+    produces exactly data.train and data.val (and data.test)."""
     from pipeline.shards import SHARDLIST_NAME
 
     root = Path(manifest.data.train).parent.parent
-    for key, split in (("train", "train"), ("val", "val")):
+    for split in splits:
         wanted = root / split / SHARDLIST_NAME
-        if Path(getattr(manifest.data, key)) != wanted:
-            raise ManifestError(f"data.{key}={getattr(manifest.data, key)!r}: the built-in digits are written as "
-                                f"<dir>/{split}/{SHARDLIST_NAME}; set data.{key}={str(wanted)!r}")
+        if getattr(manifest.data, split) is None or Path(getattr(manifest.data, split)) != wanted:
+            raise ManifestError(f"data.{split}={getattr(manifest.data, split)!r}: the built-in data are written as "
+                                f"<dir>/{split}/{SHARDLIST_NAME}; set data.{split}={str(wanted)!r}")
     return root
+
+
+def write_builtin(manifest, shard_size: int | None = None, seed: int = 0) -> list[Path]:
+    """Build data.builtin's shards where the manifest's data paths expect them; returns the shard lists."""
+    from pipeline.shards import write_digits
+
+    d = manifest.data
+    if d.builtin == "fashion_mnist":
+        from pipeline.fashion_mnist import write_fashion_mnist
+
+        root = digits_root(manifest, ("train", "val", "test"))
+        return list(write_fashion_mnist(root, shard_size or d.shard_size, d.train_size, d.val_size, seed).values())
+    return list(write_digits(digits_root(manifest), shard_size or d.shard_size, seed))
 
 
 @click.command()
@@ -41,7 +55,7 @@ def digits_root(manifest) -> Path:
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Samples per shard [default: 1000 with --src, else data.shard_size].")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the global shuffle (--src) or of the digits train/val split.")
+              help="Seed of the global shuffle (--src) or of the built-in train/val split.")
 @click.option("--class-map", type=click.Path(exists=True, dir_okay=False),
               help='With --src: JSON class names ({"classes": [...]}) giving the ids, for a tree holding some of them.')
 @click.option("--if-missing", is_flag=True,
@@ -51,8 +65,9 @@ def digits_root(manifest) -> Path:
 def shards(manifest, overrides, src, out, shard_size, seed, class_map, if_missing, progress):
     """Build WebDataset shards, a shard list and a class map."""
     from pipeline.cli import with_make_args
+    from pipeline.fashion_mnist import FashionMNISTError
     from pipeline.reader import ShardError
-    from pipeline.shards import load_class_map, write_digits, write_imagefolder
+    from pipeline.shards import load_class_map, write_imagefolder
 
     try:
         if if_missing and src is None:
@@ -75,12 +90,12 @@ def shards(manifest, overrides, src, out, shard_size, seed, class_map, if_missin
             click.echo(_summary(write_imagefolder(src, out, shard_size or 1000, seed, classes, progress)))
             return
         spec = load(manifest, overrides)
-        if spec.data.builtin != "digits":
+        if spec.data.builtin == "none":
             raise click.UsageError(f"{manifest}: data.builtin is {spec.data.builtin!r}, so there is nothing built in "
                                    f"to build: pass --src/--out, or list your own shards with `distill shardlist`")
-        for path in write_digits(digits_root(spec), shard_size or spec.data.shard_size, seed):
+        for path in write_builtin(spec, shard_size, seed):
             click.echo(_summary(path))
-    except (ShardError, ManifestError) as e:
+    except (ShardError, ManifestError, FashionMNISTError, ValueError) as e:
         raise click.ClickException(with_make_args(str(e), manifest, overrides)) from None
 
 
