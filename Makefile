@@ -22,7 +22,7 @@ DISTILL := $(VENV)/bin/distill
 STAMP   := $(VENV)/.installed
 
 .PHONY: install test demo shards shardlist teacher teacher-cache train-student sweep stats \
-        inspect-view verify-cache bench clean
+        inspect-view verify-cache bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ verify-cache: $(STAMP)
 
 bench: $(STAMP)
 	$(DISTILL) bench $(ARGS)
+
+# GPU numbers (benchmarks/bench_gpu.py): needs no install, only torch/timm/numpy/Pillow/zarr/webdataset importable
+# by the venv's python (or $(PYTHON) where there is no venv); skips with a message where CUDA is absent.
+bench-gpu:
+	PYTHONPATH=$(CURDIR) $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON)) -m benchmarks.bench_gpu $(ARGS)
 
 clean:
 	rm -rf data caches runs bench
