@@ -11,6 +11,11 @@ path.
 The shuffle buffer after it is decided on item indices before anything is rendered
 (`shuffle_buffer_order`), so a worker knows which batch each view lands in. That makes the data position
 resumable at any batch: a worker told to skip its first `s` batches renders only the views still to come.
+The buffer holds what it takes to render a view (the encoded image bytes of its mix window, its slab row), not
+the rendered view: a view is decoded and rendered when its batch is emitted, its window's unmixed views
+rendered once and kept only while views of that window are still waiting. So the first batch of an epoch
+costs about two batches' renders (each view and its mix partner), not a buffer's worth, and a worker holds
+JPEG bytes rather than rendered views.
 Each worker batches its own views (dropping its last partial batch); the loader interleaves workers
 round-robin, a finished worker dropping out, and every rank stops after `TrainSet.steps_per_epoch`
 batches: the smallest count any rank reaches in any epoch, so DDP never waits on a short rank.
@@ -19,16 +24,18 @@ batches: the smallest count any rank reaches in any epoch, so DDP never waits on
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline import cache, views
@@ -289,19 +296,22 @@ class StudentViews(IterableDataset):
         position[plan.order] = np.arange(len(plan.items))
         wanted = (position >= skip * b) & (position < plan.batches * b)
         done_by = plan.ready[np.arange(skip, plan.batches) * b + b - 1] if plan.batches > skip else []
-        pending: dict[int, dict] = {}
+        pending: dict[int, Callable[[], dict]] = {}  # item -> renders its record when its batch is emitted
         next_batch = skip
         for item, record in self._records(plan, wanted):
             if record is not None:
                 pending[item] = record
             while next_batch < plan.batches and done_by[next_batch - skip] <= item + 1:
-                yield _collate([pending.pop(int(i)) for i in plan.order[next_batch * b:(next_batch + 1) * b]])
+                yield _collate([pending.pop(int(i))() for i in plan.order[next_batch * b:(next_batch + 1) * b]])
                 next_batch += 1
         for batch in range(next_batch, plan.batches):  # the buffer's drain, after spans with nothing wanted
-            yield _collate([pending.pop(int(i)) for i in plan.order[batch * b:(batch + 1) * b]])
+            yield _collate([pending.pop(int(i))() for i in plan.order[batch * b:(batch + 1) * b]])
 
-    def _records(self, plan: WorkerPlan, wanted: np.ndarray) -> Iterator[tuple[int, dict | None]]:
-        """(item index, record or None when not wanted) for every item, in reading order."""
+    def _records(self, plan: WorkerPlan, wanted: np.ndarray) -> Iterator[tuple[int, Callable[[], dict] | None]]:
+        """(item index, a function that renders its record, or None when not wanted) for every item, in reading
+        order. Reading decodes nothing: the images stay encoded until a view of their window is rendered, and
+        each mix window gets its own `views.ShardViews`, so its unmixed views are rendered once whatever the
+        order its views are emitted in, and dropped with the last of them."""
         data, m = self.data, self.data.m
         reader = cache.SlabReader(cache.open_cache(data.cache_path), "train")
         cache_epoch = data.cache_epoch(self.epoch)
@@ -318,20 +328,27 @@ class StudentViews(IterableDataset):
                 slab_shard = span.shard
             n = data.shardlist.shards[span.shard].samples
             start, stop = span.start // window * window, min(-(-span.stop // window) * window, n)
-            # whole mix windows: a view's partner lives in its window
+            # whole mix windows: a view's partner lives in its window. The positions the teacher saw are the
+            # cache's valid ones (a sample stage 1 skipped as undecodable has none), so the images are those.
             samples = {s.pos: s for s in read_shard(data.shardlist, span.shard, start=start, stop=stop,
-                                                    on_error=m.data.on_error)}
-            # each unmixed view rendered once per size, also where only a view mixing with it is wanted
-            images = {pos: s.image for pos, s in samples.items()}
+                                                    decode=False, on_error=m.data.on_error)}
+            images = EncodedImages({pos: s.image for pos, s in samples.items() if data.valid[span.shard, pos]},
+                                   data.shardlist.shards[span.shard].url)
             sizes = {"views": m.student.img_size}
             if data.teacher_size is not None:
                 sizes["teacher_views"] = data.teacher_size
-            rendered = {name: views.ShardViews(images, slab["view"], size, m.views) for name, size in sizes.items()}
+            rendered_window, rendered = None, {}  # the pending records hold their window's ShardViews
             for pos in range(span.start, span.stop):
                 if not data.valid[span.shard, pos]:
                     continue
-                yield item, (self._record(slab, samples, rendered, span.shard, pos, cache_epoch)
-                             if wanted[item] else None)
+                record = None
+                if wanted[item]:
+                    if rendered_window != pos // window:  # each unmixed view rendered once per size
+                        rendered_window = pos // window
+                        rendered = {name: views.ShardViews(images, slab["view"], size, m.views)
+                                    for name, size in sizes.items()}
+                    record = functools.partial(self._record, slab, samples, rendered, span.shard, pos, cache_epoch)
+                yield item, record
                 item += 1
 
     def _record(self, slab: dict, samples: dict, rendered: dict[str, views.ShardViews], shard: int, pos: int,
@@ -349,6 +366,32 @@ class StudentViews(IterableDataset):
                 "labels": sample.label, "partner_labels": samples[partner].label, "lam": lam,
                 "topk_logits": slab["topk_logits"][pos], "topk_ids": slab["topk_ids"][pos].astype(np.int64),
                 "lse": slab["lse"][pos], "shard": shard, "pos": pos}
+
+
+class EncodedImages(Mapping):
+    """position -> RGB image, decoded from its encoded bytes on every access, as `reader.read_shard` decodes
+    (`Image.open(...).convert("RGB")`): the same pixels, decoded only when a view is rendered."""
+
+    def __init__(self, encoded: dict[int, bytes], url: str):
+        self.encoded, self.url = encoded, url
+
+    def __getitem__(self, pos: int) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(self.encoded[pos])) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of refusing bytes
+            raise cache.CacheError(f"shard {self.url} position {pos} has a view in the cache but its image does not "
+                                   f"decode ({e}): the shards changed since the cache was filled; rebuild the cache "
+                                   f"or restore the shard") from None
+
+    def __contains__(self, pos) -> bool:
+        return pos in self.encoded
+
+    def __iter__(self):
+        return iter(self.encoded)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
 
 
 def _collate(records: list[dict]) -> dict[str, torch.Tensor]:
