@@ -30,9 +30,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class Setup:
     filler_args: dict
 
 
-FULL = Setup(photos=512, photo_shard=128, loop_steps=4, batch=16, workers=1, reps=2, model_calls=2,
+FULL = Setup(photos=512, photo_shard=128, loop_steps=3, batch=8, workers=1, reps=2, model_calls=1,
              student_args={}, teacher="regnety_160", teacher_args={}, filler="regnety_002", filler_args={})
 QUICK = Setup(photos=32, photo_shard=16, loop_steps=2, batch=4, workers=1, reps=1, model_calls=1,
               student_args={"depth": 1}, teacher="regnety_002", teacher_args={}, filler="regnety_002",
@@ -217,6 +218,35 @@ def first_batch(m: Manifest, reps: int) -> dict:
 # --------------------------------------------------------------------------------------------- per view
 
 
+class DraftImages(Mapping):
+    """A replay candidate, measured and not adopted: position -> RGB image decoded at the coarsest JPEG DCT
+    scale (1/2, 1/4, 1/8: PIL's draft mode) that keeps the view's crop box at least `size` px a side, a scale
+    derivable from the stored crop and the teacher's size alone. It changes the pixels (the resize starts
+    from a DCT-reduced image), so adopting it means stage 1 decoding the same way and a new recipe version."""
+
+    def __init__(self, encoded: dict[int, bytes], params: np.ndarray, size: int):
+        self.encoded, self.params, self.size = encoded, params, size
+        self.scales: list[float] = []  # the decode scale of every image decoded
+
+    def __getitem__(self, pos: int) -> Image.Image:
+        x0, y0, x1, y1 = views.describe(self.params[pos])["crop"]["box"]
+        img = Image.open(io.BytesIO(self.encoded[pos]))
+        width, height = img.size
+        img.draft("RGB", (max(1, math.ceil(self.size / max(x1 - x0, 1e-6))),
+                          max(1, math.ceil(self.size / max(y1 - y0, 1e-6)))))
+        self.scales.append(width / img.size[0])
+        return img.convert("RGB")
+
+    def __contains__(self, pos) -> bool:
+        return pos in self.encoded
+
+    def __iter__(self):
+        return iter(self.encoded)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
 def per_view(shardlist_path: str, count: int, reps: int) -> dict:
     """ms per view on one core, in process, on the same files: timm's path (tar read + PIL decode + DeiT's
     transform, plus Mixup on batches of 16, amortised) against the project's replay (`read_shard` + the
@@ -255,8 +285,28 @@ def per_view(shardlist_path: str, count: int, reps: int) -> dict:
                 rendered.view(pos)
         return (time.perf_counter() - start) * 1e3 / n
 
-    runs = interleave({"timm_ms": timm_side, "replay_ms": replay_side}, reps)
-    return {name: summary(values) for name, values in runs.items()} | {"views": n}
+    def draft_side(compare: bool = False):
+        start, diffs, scales = time.perf_counter(), [], []
+        for positions, params, i in shards:
+            encoded = {x.pos: x.image for x in read_shard(shardlist, i, decode=False)}
+            images = DraftImages(encoded, params, SIZE)
+            rendered = views.ShardViews(images, params, SIZE, cfg)
+            if compare:
+                full = views.ShardViews({x.pos: x.image for x in read_shard(shardlist, i)}, params, SIZE, cfg)
+                diffs += [float(np.abs(rendered.view(p).astype(np.int16) - full.view(p)).mean()) for p in positions]
+                scales += images.scales
+                continue
+            for pos in positions:
+                rendered.view(pos)
+        if compare:
+            return float(np.mean(diffs)), float(np.mean(np.array(scales) > 1))
+        return (time.perf_counter() - start) * 1e3 / n
+
+    runs = interleave({"timm_ms": timm_side, "replay_ms": replay_side, "replay_draft_ms": draft_side}, reps + 1)
+    runs = {name: values[1:] for name, values in runs.items()}  # the first pass warms each side up
+    diff, reduced = draft_side(compare=True)
+    return {name: summary(values) for name, values in runs.items()} | {
+        "views": n, "draft_mean_abs_diff": diff, "draft_reduced_share": reduced}
 
 
 # --------------------------------------------------------------------------------------------- the section
@@ -366,7 +416,11 @@ def markdown(r: dict) -> list[str]:
             + table(["per view, one core, same files", "ms/view", "ratio"], [
                 ["timm: tar + decode + `create_transform` + `Mixup`", _spread(pv["timm_ms"]), "1"],
                 ["project: `read_shard` + `views.ShardViews` replay", _spread(pv["replay_ms"]),
-                 num(r["replay_over_timm_ms"])]])
+                 num(r["replay_over_timm_ms"])],
+                ["candidate, not adopted: the replay from a JPEG draft-mode decode (`DraftImages`)",
+                 _spread(pv["replay_draft_ms"]),
+                 f"{num(pv['replay_draft_ms']['median'] / pv['timm_ms']['median'])} ({num(pv['draft_reduced_share'] * 100)}% of "
+                 f"the decodes reduced; pixels differ by {num(pv['draft_mean_abs_diff'])} of 255 on average)"]])
             + ["", f"The project's loader alone ({ld['workers']} worker(s), shuffle buffer {ld['shuffle_buffer']}, "
                    f"{ld['batches']} batches an epoch): first batch {_spread(ld['first_s'])} s, then "
                    f"{_spread(ld['steady_s'])} s a batch: ratio {num(r['first_batch_over_steady'])}. The shuffle buffer "
