@@ -136,6 +136,12 @@ def test_loop_rate_is_the_median_step_rate_without_the_first_step(tmp_path):
         student._loop_rate(tmp_path)
 
 
+def test_the_cli_lists_the_benchmarks_sections_without_importing_them():
+    import stages.bench
+
+    assert stages.bench.SECTIONS == bench.SECTIONS
+
+
 def test_unknown_section_is_refused_with_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="unknown bench section 'speed': valid sections are deit_224, storage, cache_read"):
         bench.run(tmp_path, quick=True, only=("speed",))
