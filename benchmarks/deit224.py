@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import Mixup, auto_augment, create_transform
 
 from benchmarks.markdown import met, num, table
 from benchmarks.photos import mean_file_bytes, source_names, write_photo_shards
@@ -85,10 +85,25 @@ QUICK = Setup(photos=32, photo_shard=16, loop_steps=2, batch=4, workers=1, reps=
 # --------------------------------------------------------------------------------------------- A and C: timm
 
 
+def _posterize_as_older_pillow(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm maps magnitude 10 to 0 bits; Pillow >= 13 refuses 0 bits where older Pillow gave black (the
+    project's renderer does the same, `views._apply_ra_op`)."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
 def timm_transform():
-    """DeiT's training transform (deit/datasets.py build_transform -> timm create_transform)."""
-    return create_transform(SIZE, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
-                            interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
+    """DeiT's training transform (deit/datasets.py build_transform -> timm create_transform), its posterize
+    ops made to work on Pillow >= 13 as on older Pillow."""
+    transform = create_transform(SIZE, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
+                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
+    for t in transform.transforms:
+        if isinstance(t, auto_augment.RandAugment):
+            for op in t.ops:
+                if op.aug_fn is auto_augment.posterize:
+                    op.aug_fn = _posterize_as_older_pillow
+    return transform
 
 
 def timm_mixup() -> Mixup:

@@ -225,3 +225,17 @@ def test_bench_gpu_reports_every_measurement_and_each_failure():
     text = bench_gpu.summary(results)
     assert "4,322 views/s" in text and "3,000 views/s = 0.69 of the forward alone" in text
     assert "FAILED student_plain: RuntimeError: boom" in text and "nccl all-reduce: ok" in text
+
+
+def test_timms_posterize_at_magnitude_ten_gives_black_as_on_older_pillow():
+    """timm's rand-m9 draws PosterizeIncreasing down to 0 bits; Pillow >= 13 refuses 0 bits, so A's transform
+    patches the op to what older Pillow (and the project's renderer) gives: black."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    ops = [op for t in deit224.timm_transform().transforms if isinstance(t, auto_augment.RandAugment) for op in t.ops]
+    patched = [op.name for op in ops if op.aug_fn is deit224._posterize_as_older_pillow]
+    assert patched == [op.name for op in ops if op.name.startswith("Posterize")] and patched
+    img = Image.new("RGB", (4, 4), (200, 100, 50))
+    assert deit224._posterize_as_older_pillow(img, 0).getpixel((0, 0)) == (0, 0, 0)
+    assert deit224._posterize_as_older_pillow(img, 4).getpixel((0, 0)) == (192, 96, 48)  # Pillow's own below
