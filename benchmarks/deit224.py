@@ -414,11 +414,11 @@ def markdown(r: dict) -> list[str]:
              f"{r['teacher']} forward on every mixed batch; C time / B time {num(r['c_time_over_b_time'])} "
              f"against the ideal {num(r['ideal_c_over_b'])} from the model costs."]]
     return (["## The real setting: 224 px, DeiT's recipe, timm's own input path", "",
-             f"Student `{r['student']}` {s['student_args'] or ''} and teacher `{r['teacher']}`, random weights, "
+             f"Student `{r['student']}`{' ' + str(s['student_args']) if s['student_args'] else ''} and teacher `{r['teacher']}`, random weights, "
              f"{SIZE} px, batch {s['batch']}, {s['workers']} loader worker(s) on every side, device {r['device']}, "
              f"{s['reps']} interleaved repetitions (median, min-max). Photos: {r['photos']['replay_set']} "
              f"ImageNet-like JPEGs for the per-view comparison and {r['photos']['loop_set']} for the loops "
-             f"(mean {num(r['photos']['mean_jpeg_bytes'] / 1e3)} KB, cut from {r['photos']['sources']}). Each loop "
+             f"(mean {num(r['photos']['mean_jpeg_bytes'] / 1e3)} KB, cut from {', '.join(r['photos']['sources']) if isinstance(r['photos']['sources'], list) else r['photos']['sources']}). Each loop "
              f"runs {s['loop_steps']} steps after a warm-up step"
              + (": on a CPU the step is the model's (a 224 px DeiT-Ti step costs seconds), so A, B and C mostly "
                 "measure the models and the per-view rows below are what speaks for the data path." if
@@ -439,4 +439,6 @@ def markdown(r: dict) -> list[str]:
             + ["", f"The project's loader alone ({ld['workers']} worker(s), shuffle buffer {ld['shuffle_buffer']}, "
                    f"{ld['batches']} batches an epoch): first batch {_spread(ld['first_s'])} s, then "
                    f"{_spread(ld['steady_s'])} s a batch: ratio {num(r['first_batch_over_steady'])}. The shuffle buffer "
-                   f"holds rendered views, so the first batch waits for min(buffer, the worker's share) + batch renders."])
+                   f"holds encoded samples and a view is rendered when its batch leaves, so the first batch waits for "
+                   f"the worker's start (a new process per epoch: fork, open the cache, read the tar) and for its "
+                   f"views and their mix partners (about two batches' renders), not for the buffer."])
