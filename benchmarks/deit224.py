@@ -210,24 +210,36 @@ def project_loop(m: Manifest, run_dir: Path) -> list[float]:
     return [r["images_per_s"] for r in rows if r["event"] == "step"]
 
 
-def first_batch(m: Manifest, reps: int) -> dict:
-    """The project loader alone (no model): seconds to its first batch of an epoch and between later ones."""
+def _batch_gaps(make_loader: Callable[[], object]) -> tuple[float, float, int]:
+    """(seconds to the first batch, median seconds between later ones, batches) of one pass over a loader."""
+    start = time.perf_counter()
+    gaps = []
+    for _batch in make_loader():
+        now = time.perf_counter()
+        gaps.append(now - start)
+        start = now
+    return gaps[0], statistics.median(gaps[1:]) if len(gaps) > 1 else gaps[0], len(gaps)
+
+
+def first_batch(m: Manifest, urls: list[str], reps: int) -> dict:
+    """The loaders alone (no model), interleaved: seconds to the first batch of an epoch and between later
+    ones, for the project's loader and for timm's path over the same shards with the same workers and batch."""
     from pipeline import cache
     from pipeline.student_data import open_train_set
 
     data = open_train_set(m, cache.open_cache(m.cache.path))
-    firsts, steadies = [], []
+    b, w = m.student.batch_size, m.student.workers
+    sides = {"project": lambda: data.loader(0, 0), "timm": lambda: timm_loader(urls, b, w, shuffle=len(data.valid[0]))}
+    found: dict[str, list] = {name: [] for name in sides}
     for _ in range(reps):
-        start = time.perf_counter()
-        gaps = []
-        for _batch in data.loader(0, 0):
-            now = time.perf_counter()
-            gaps.append(now - start)
-            start = now
-        firsts.append(gaps[0])
-        steadies.append(statistics.median(gaps[1:]) if len(gaps) > 1 else gaps[0])
-    return {"first_s": summary(firsts), "steady_s": summary(steadies), "batches": len(gaps),
-            "shuffle_buffer": m.student.shuffle_buffer, "workers": m.student.workers}
+        for name, make in sides.items():
+            found[name].append(_batch_gaps(make))
+    out = {"shuffle_buffer": m.student.shuffle_buffer, "workers": w}
+    for name, values in found.items():
+        prefix = "" if name == "project" else "timm_"
+        out |= {f"{prefix}first_s": summary([v[0] for v in values]), f"{prefix}steady_s": summary([v[1] for v in values]),
+                f"{prefix}batches": values[0][2]}
+    return out
 
 
 # --------------------------------------------------------------------------------------------- per view
@@ -367,13 +379,14 @@ def measure(work: Path, photo_dir: Path, quick: bool, device: str = "cpu") -> di
     ideal = (med["student_step_s"] + med["teacher_forward_s"]) / med["student_step_s"]
     c_over_b = med["b_cache"] / med["c_online"]  # C time / B time per image
     replay = per_view(str(photos), setup.photos, max(2, setup.reps))
-    loader = first_batch(m, max(2, setup.reps))
+    loader = first_batch(m, loop_urls, max(2, setup.reps))
     return {name: summary(values) for name, values in runs.items()} | {
         "b_over_a_224": med["b_cache"] / med["a_timm"],
         "online_share_of_ideal_224": c_over_b / ideal,
         "c_time_over_b_time": c_over_b, "ideal_c_over_b": ideal,
         "replay_over_timm_ms": replay["replay_ms"]["median"] / replay["timm_ms"]["median"],
         "first_batch_over_steady": loader["first_s"]["median"] / loader["steady_s"]["median"],
+        "timm_first_batch_over_steady": loader["timm_first_s"]["median"] / loader["timm_steady_s"]["median"],
         "per_view": replay, "loader": loader,
         "setup": dataclasses.asdict(setup), "device": str(torch_device),
         "photos": {"replay_set": setup.photos, "loop_set": loop_count, "mean_jpeg_bytes": round(mean_file_bytes(photos)),
@@ -438,7 +451,11 @@ def markdown(r: dict) -> list[str]:
                  f"the decodes reduced; pixels differ by {num(pv['draft_mean_abs_diff'])} of 255 on average)"]])
             + ["", f"The project's loader alone ({ld['workers']} worker(s), shuffle buffer {ld['shuffle_buffer']}, "
                    f"{ld['batches']} batches an epoch): first batch {_spread(ld['first_s'])} s, then "
-                   f"{_spread(ld['steady_s'])} s a batch: ratio {num(r['first_batch_over_steady'])}. The shuffle buffer "
+                   f"{_spread(ld['steady_s'])} s a batch: ratio {num(r['first_batch_over_steady'])}; timm's path over the same "
+                   f"shards, same workers and batch: {_spread(ld['timm_first_s'])} s, then {_spread(ld['timm_steady_s'])} s: "
+                   f"ratio {num(r['timm_first_batch_over_steady'])}. The shuffle buffer "
                    f"holds encoded samples and a view is rendered when its batch leaves, so the first batch waits for "
                    f"the worker's start (a new process per epoch: fork, open the cache, read the tar) and for its "
-                   f"views and their mix partners (about two batches' renders), not for the buffer."])
+                   f"views and their mix partners (about two batches' renders), not for the buffer. With W workers each "
+                   f"batching its own views (timm's loader as well), the first batch is one worker's work while a "
+                   f"steady batch is W workers' in parallel."])
