@@ -27,7 +27,7 @@ STAMP   := $(VENV)/.installed
 SPEC    := --manifest $(MANIFEST) $(foreach s,$(SET),--set $(s))
 
 .PHONY: install fashion-mnist test demo shards shardlist teacher plan teacher-cache train-student sweep stats \
-        inspect-view verify-cache bench real-smoke clean have-shards have-teacher have-cache
+        inspect-view verify-cache bench bench-gpu real-smoke clean have-shards have-teacher have-cache
 
 install: $(STAMP) fashion-mnist
 
@@ -90,6 +90,11 @@ bench: $(STAMP)
 
 real-smoke: $(STAMP)
 	$(DISTILL) real-smoke $(ARGS)
+
+# GPU numbers (benchmarks/bench_gpu.py): needs no install, only torch/timm/numpy/Pillow/zarr/webdataset importable
+# by the venv's python (or $(PYTHON) where there is no venv); skips with a message where CUDA is absent.
+bench-gpu:
+	PYTHONPATH=$(CURDIR) $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON)) -m benchmarks.bench_gpu $(ARGS)
 
 clean:
 	rm -rf data caches runs bench

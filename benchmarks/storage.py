@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.synthetic import imagenet_like_params, synthetic_logits
 from pipeline import cache, views
 from pipeline.losses import deit_loss, sparse_teacher_answers
-from pipeline.manifest import ViewsCfg
 
 PER_VIEW = ("topk_logprobs", "topk_ids", "log_leftover", "view", "digest", "tail_ids", "tail_logprobs")
 PER_SAMPLE = ("labels",)  # stored once per sample, not per view
@@ -56,30 +56,8 @@ QUICK = Settings(shards=2, positions=64, shards_per_unit=2, classes=1000, top_ks
 
 
 def imagenet_like_logits(rng: np.random.Generator, n: int, classes: int) -> torch.Tensor:
-    """float32 [n, classes]: a N(0, 1.5^2) bulk plus a heavy head, like an ImageNet teacher on DeiT's mixed
-    views (the own class +4 + Gamma(2, 2.5), the mix partner's +2 + Gamma(2, 1.5), five classes from the own
-    class's block of 50 +Exp(3) each)."""
-    z = rng.normal(0.0, 1.5, (n, classes))
-    rows = np.arange(n)
-    own = rng.integers(classes, size=n)
-    z[rows, own] += 4 + rng.gamma(2.0, 2.5, n)
-    z[rows, rng.integers(classes, size=n)] += 2 + rng.gamma(2.0, 1.5, n)
-    for _ in range(5):
-        z[rows, np.minimum(own // 50 * 50 + rng.integers(50, size=n), classes - 1)] += rng.exponential(3.0, n)
-    return torch.from_numpy(z).float()
-
-
-def imagenet_like_params(rng: np.random.Generator, shards: int, positions: int) -> np.ndarray:
-    """Real view parameters [shards, positions, N] under DeiT's recipe (`ViewsCfg()`), for sources whose long
-    side is uniform in 300..640 px and aspect in 0.6..1.8."""
-    cfg = ViewsCfg()
-    out = np.zeros((shards, positions, views.N_PARAMS), np.float32)
-    for s in range(shards):
-        for p in range(positions):
-            long, aspect = int(rng.integers(300, 641)), rng.uniform(0.6, 1.8)
-            size = (long, max(1, round(long / aspect))) if aspect >= 1 else (max(1, round(long * aspect)), long)
-            out[s, p] = views.sample_params(cfg, 0, s, p, positions, size, size=224)
-    return out
+    """`synthetic.synthetic_logits` as a tensor: an ImageNet teacher's logits on DeiT's mixed views."""
+    return torch.from_numpy(synthetic_logits(rng, n, classes))
 
 
 def _chunk_bytes(array_dir: Path) -> tuple[int, int]:
@@ -186,7 +164,7 @@ def measure(quick: bool = False) -> tuple[dict, str]:
 def markdown(results: dict) -> str:
     st = results["storage"]
     cfg = st["settings"]
-    lines = ["## Storage (cache format v2)", "",
+    lines = ["## 4. Storage (cache format v2)", "",
              f"Bytes per view of a cache written by `cache.create`/`cache.write_unit`: {cfg['views']} views in units "
              f"of {cfg['unit_views']} (ImageNet's 8 shards per unit), {cfg['classes']} classes, ImageNet-like teacher "
              f"outputs reduced by `losses.sparse_teacher_answers` (stage 1's function), real `views.sample_params` "

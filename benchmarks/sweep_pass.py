@@ -88,7 +88,7 @@ def _setting_224(root: Path, quick: bool) -> list[str]:
     return [f"data.train={train_list}", f"data.val={val_list}", "data.builtin=none",
             "teacher.model=regnety_002", "teacher.pretrained=false", f"teacher.checkpoint={ckpt}",
             "teacher.model_args={w0: 8, wa: 13, wm: 2.0, group_size: 8, depth: 4, stem_width: 8}",
-            "teacher.img_size=224", f"cache.path={root / 'cache'}", "cache.epochs=1", "cache.workers=0",
+            "teacher.img_size=224", f"cache.path={root / 'cache'}", "cache.epochs=1", "views.repeats=1", "cache.workers=0",
             "cache.shards_per_unit=1", "cache.batch_size=32", "cache.device=cpu",
             "student.model_args={embed_dim: 64, depth: 4, num_heads: 2}", "student.img_size=224",
             "student.patch_size=16", "student.epochs=1", "student.batch_size=32", "student.workers=0",

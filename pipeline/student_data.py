@@ -13,6 +13,11 @@ path.
 The shuffle buffer after it is decided on item indices before anything is rendered
 (`shuffle_buffer_order`), so a worker knows which batch each view lands in. That makes the data position
 resumable at any batch: a worker told to skip its first `s` batches renders only the views still to come.
+The buffer holds what it takes to render a view (the encoded image bytes of its mix window, its slab row), not
+the rendered view: a view is decoded and rendered when its batch is emitted, its window's unmixed views
+rendered once and kept only while views of that window are still waiting. So the first batch of an epoch
+costs about two batches' renders (each view and its mix partner), not a buffer's worth, and a worker holds
+JPEG bytes rather than rendered views.
 Each worker batches its own views (dropping its last partial batch); the loader interleaves workers
 round-robin, a finished worker dropping out, and every rank stops after `TrainSet.steps_per_epoch`
 batches: the smallest count any rank reaches in any epoch, so DDP never waits on a short rank.
@@ -21,16 +26,18 @@ batches: the smallest count any rank reaches in any epoch, so DDP never waits on
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline import cache, views
@@ -334,19 +341,22 @@ class StudentViews(IterableDataset):
         position[plan.order] = np.arange(len(plan.items))
         wanted = (position >= skip * b) & (position < plan.batches * b)
         done_by = plan.ready[np.arange(skip, plan.batches) * b + b - 1] if plan.batches > skip else []
-        pending: dict[int, dict] = {}
+        pending: dict[int, Callable[[], dict]] = {}  # item -> renders its record when its batch is emitted
         next_batch = skip
         for item, record in self._records(plan, wanted):
             if record is not None:
                 pending[item] = record
             while next_batch < plan.batches and done_by[next_batch - skip] <= item + 1:
-                yield _collate([pending.pop(int(i)) for i in plan.order[next_batch * b:(next_batch + 1) * b]])
+                yield _collate([pending.pop(int(i))() for i in plan.order[next_batch * b:(next_batch + 1) * b]])
                 next_batch += 1
         for batch in range(next_batch, plan.batches):  # the buffer's drain, after spans with nothing wanted
-            yield _collate([pending.pop(int(i)) for i in plan.order[batch * b:(batch + 1) * b]])
+            yield _collate([pending.pop(int(i))() for i in plan.order[batch * b:(batch + 1) * b]])
 
-    def _records(self, plan: WorkerPlan, wanted: np.ndarray) -> Iterator[tuple[int, dict | None]]:
-        """(item index, record or None when not wanted) for every item, in reading order."""
+    def _records(self, plan: WorkerPlan, wanted: np.ndarray) -> Iterator[tuple[int, Callable[[], dict] | None]]:
+        """(item index, a function that renders its record, or None when not wanted) for every item, in reading
+        order. Reading decodes nothing: the images stay encoded until a view of their window is rendered, and
+        each mix window of each replayed cache epoch gets its own `views.ShardViews`, so its unmixed views are
+        rendered once whatever the order its views are emitted in, and dropped with the last of them."""
         data, m = self.data, self.data.m
         root = cache.open_cache(data.cache_path)
         cache_epochs = data.cache_epochs_of(self.epoch)
@@ -364,24 +374,31 @@ class StudentViews(IterableDataset):
                 slabs = [reader.read(e, span.shard, CACHED_FIELDS) for reader, e in zip(readers, cache_epochs)]
                 slab_shard = span.shard
             n = data.shardlist.shards[span.shard].samples
-            # whole mix windows of each cache epoch replayed: a view's partner lives in its window
+            # whole mix windows of each cache epoch replayed: a view's partner lives in its window. The positions
+            # the teacher saw are the cache's valid ones (a sample stage 1 skipped as undecodable has none).
             bounds = [views.windows_covering(m.views, e, span.shard, span.start, span.stop, n) for e in cache_epochs]
             start, stop = min(a for a, _ in bounds), max(b for _, b in bounds)
             samples = {s.pos: s for s in read_shard(data.shardlist, span.shard, start=start, stop=stop,
-                                                    on_error=m.data.on_error)}
-            # each unmixed view rendered once per size, also where only a view mixing with it is wanted
-            images = {pos: s.image for pos, s in samples.items()}
+                                                    decode=False, on_error=m.data.on_error)}
+            images = EncodedImages({pos: s.image for pos, s in samples.items() if data.valid[span.shard, pos]},
+                                   data.shardlist.shards[span.shard].url)
             sizes = {"views": m.student.img_size}
             if data.teacher_size is not None:
                 sizes["teacher_views"] = data.teacher_size
-            rendered = [{name: views.ShardViews(images, slab["view"], size, m.views) for name, size in sizes.items()}
-                        for slab in slabs]
+            rendered = [(None, {}) for _ in cache_epochs]  # per copy: (its current window, that window's ShardViews)
             for pos in range(span.start, span.stop):
                 if not chosen[pos]:
                     continue
-                for slab, shard_views, cache_epoch in zip(slabs, rendered, cache_epochs):  # the copies, in order
-                    yield item, (self._record(slab, samples, shard_views, span.shard, pos, cache_epoch)
-                                 if wanted[item] else None)
+                for copy, (slab, cache_epoch) in enumerate(zip(slabs, cache_epochs)):  # the copies, in order
+                    record = None
+                    if wanted[item]:
+                        window = views.mix_window(m.views, cache_epoch, span.shard, pos, n)
+                        if rendered[copy][0] != window:  # each unmixed view rendered once per size
+                            rendered[copy] = (window, {name: views.ShardViews(images, slab["view"], size, m.views)
+                                                       for name, size in sizes.items()})
+                        record = functools.partial(self._record, slab, samples, rendered[copy][1], span.shard, pos,
+                                                   cache_epoch)
+                    yield item, record
                     item += 1
 
     def _record(self, slab: dict, samples: dict, rendered: dict[str, views.ShardViews], shard: int, pos: int,
@@ -401,6 +418,32 @@ class StudentViews(IterableDataset):
                 "log_leftover": slab["log_leftover"][pos], "shard": shard, "pos": pos, "cache_epoch": cache_epoch,
                 **{name: slab[name][pos].astype(np.int64) if name == "tail_ids" else slab[name][pos]
                    for name in ("tail_ids", "tail_logprobs") if name in slab}}
+
+
+class EncodedImages(Mapping):
+    """position -> RGB image, decoded from its encoded bytes on every access, as `reader.read_shard` decodes
+    (`Image.open(...).convert("RGB")`): the same pixels, decoded only when a view is rendered."""
+
+    def __init__(self, encoded: dict[int, bytes], url: str):
+        self.encoded, self.url = encoded, url
+
+    def __getitem__(self, pos: int) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(self.encoded[pos])) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of refusing bytes
+            raise cache.CacheError(f"shard {self.url} position {pos} has a view in the cache but its image does not "
+                                   f"decode ({e}): the shards changed since the cache was filled; rebuild the cache "
+                                   f"or restore the shard") from None
+
+    def __contains__(self, pos) -> bool:
+        return pos in self.encoded
+
+    def __iter__(self):
+        return iter(self.encoded)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
 
 
 def _collate(records: list[dict]) -> dict[str, torch.Tensor]:

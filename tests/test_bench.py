@@ -1,5 +1,6 @@
-"""`distill bench`: the quick run writes every section's numbers and the report; the pieces it is built from
-(interleaving, phase timers, the codec rule, the loop rate, the storage accounting) do what they say.
+"""`distill bench` (the `benchmarks/` package): the quick run writes every section's numbers, the headline keys
+and the report; the pieces it is built from (interleaving, phase timers, the loop rate, the generated photos,
+timm's side of the 224 px race, `make bench-gpu`'s skip and all-reduce) do what they say.
 No timed assertions: timings are only checked to be finite and positive."""
 
 import json
@@ -14,9 +15,11 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline import bench
+from benchmarks import bench_gpu, deit224, photos, run as bench, stage, student, timing
+from benchmarks.markdown import num
 from pipeline.cli import main
-from pipeline.views import PARAM_BYTES
+from pipeline.reader import read_shard
+from pipeline.shards import load_shardlist
 
 torch.set_num_threads(1)  # two busy cores: a second intra-op thread only spins
 
@@ -25,7 +28,11 @@ torch.set_num_threads(1)  # two busy cores: a second intra-op thread only spins
 def quick(tmp_path_factory):
     """One `distill bench --quick` run, shared by the tests that read its output."""
     out = tmp_path_factory.mktemp("bench")
-    result = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out), "--markdown", str(out / "REPORT.md")])
+    # every section but sweep_pass (minutes even when quick; its equality with separate runs is test_shared_pass.py's)
+    only = [a for name in ("deit_224", "storage", "cache_read", "view_replay", "cache_stage", "student")
+            for a in ("--only", name)]
+    result = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out), "--markdown", str(out / "REPORT.md"),
+                                       *only])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out, json.loads((out / "results.json").read_text())
 
@@ -43,7 +50,7 @@ def _numbers(tree, path=""):
 
 def test_quick_run_writes_every_section_with_finite_positive_numbers(quick):
     out, results = quick
-    assert set(results["sections"]) == set(bench.SECTIONS)
+    assert set(results["sections"]) == set(bench.SECTIONS) - {"sweep_pass"}
     for path, value in _numbers(results["sections"]):
         assert math.isfinite(value), path
         assert value >= 0, path
@@ -55,83 +62,51 @@ def test_quick_run_writes_every_section_with_finite_positive_numbers(quick):
     for name in ("stage", "teacher_alone"):
         positive.append(sec["cache_stage"][name]["median"])
     for entry in sec["cache_read"].values():
-        positive += [entry[name]["median"] for name in ("read_slab", "opened_slab", "opened_unit")]
-    for entry in sec["storage"]["by_k"].values():
-        positive += [entry["total"], *entry["bytes_per_view"].values()]
+        positive += [entry[name]["median"] for name in ("slab_reader", "slab_reader_student_order", "read_slab",
+                                                          "opened_slab", "opened_unit")]
+    for entry in sec["storage"]["storage"]["by_k"].values():
+        positive += [entry["total_disk"], entry["total_apparent"], *(a["disk"] for a in entry["arrays"].values())]
+    for k in (10, 100):  # the storage keys, at the top level of results.json too
+        assert results[f"bytes_per_view_k{k}_disk"] == sec["storage"][f"bytes_per_view_k{k}_disk"] > 0
     for name in ("digits", "photos"):
         positive += [sec["view_replay"][name][f"{what}_ms"]["median"] for what in ("decode", "render", "render_unmixed")]
+    d = sec["deit_224"]
+    for key in bench.HEADLINE_KEYS:  # the stable keys, at the top level of results.json too
+        assert results[key] == d[key] and results[key] > 0, key
+    positive += [d[name]["median"] for name in ("a_timm", "b_cache", "c_online", "student_step_s", "teacher_forward_s")]
+    positive += [d["per_view"]["timm_ms"]["median"], d["per_view"]["replay_ms"]["median"]]
+    assert d["c_time_over_b_time"] == pytest.approx(d["b_cache"]["median"] / d["c_online"]["median"])
+    assert d["online_share_of_ideal_224"] == pytest.approx(d["c_time_over_b_time"] / d["ideal_c_over_b"])
+    assert d["photos"]["mean_jpeg_bytes"] > 50_000  # photo-like JPEGs, not flat colour
     assert all(v > 0 for v in positive)
     assert len(sec["student"]["cached"]["runs"]) == results["settings"]["reps"]
     shares = sec["cache_stage"]["phase_shares"]
-    assert set(shares) == set(bench.STAGE_PHASES) | {"other"}
+    assert set(shares) == set(stage.STAGE_PHASES) | {"other"}
     assert shares["teacher"] > 0 and shares["decode"] > 0 and shares["write"] > 0
+    assert sorted(sec["cache_read"]["10"]["student_order"]) == list(range(sec["cache_read"]["10"]["shards"]))
 
 
 def test_quick_run_report_and_json_agree(quick):
     out, results = quick
     text = (out / "REPORT.md").read_text()
     assert not (out / "BENCHMARKS.md").exists()  # --markdown was given
-    for heading in ("## Goals", "## 1. Student speedup", "## 2. Cache stage efficiency", "## 3. Cache read",
-                    "## 4. Storage", "## 5. View replay"):
-        assert heading in text
+    headings = ("## Goals", "## The real setting: 224 px", "## 1. Student speedup", "## 2. Cache stage efficiency",
+                "## 3. Cache read", "## 4. Storage", "## 5. View replay")
+    positions = [text.index(heading) for heading in headings]
+    assert positions == sorted(positions)  # the 224 px section comes first
     assert results["command"] in text and "quick smoke run" in text
     assert results["machine"]["versions"]["zarr"] in text
-    k10 = results["sections"]["storage"]["by_k"]["10"]
-    assert f"K=10 (TinyViT {bench.tinyvit_bytes(10)})" in text
-    assert f"| {bench._num(k10['total'])} | <= 44 |" in text
-
-
-def test_storage_accounts_bytes_per_field_from_the_chunk_files(quick):
-    """Independent computation: walk each array's chunk files of the K=100 cache the bench wrote."""
-    out, results = quick
-    entry = results["sections"]["storage"]["by_k"]["100"]
-    views = results["sections"]["storage"]["views"]
-    for name in bench.STORED_FIELDS:
-        chunk_dir = out / "work" / "storage" / "k100" / "train" / name / "c"
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(chunk_dir) for f in files)
-        assert entry["bytes_per_view"][name] == pytest.approx(size / views)
-    assert entry["raw_bytes_per_view"] == {"topk_logprobs": 200, "topk_ids": 200, "log_leftover": 2,
-                                           "view": PARAM_BYTES, "digest": 4}
-    assert entry["tinyvit"] == 404
-    assert entry["total"] == pytest.approx(sum(entry["bytes_per_view"].values()))
-    root = zarr.open_group(str(out / "work" / "storage" / "k100"), mode="r")
-    assert root["train"]["topk_ids"].dtype == np.uint16 and root["train"]["topk_logprobs"].shape[-1] == 100
-
-
-def test_codec_candidates_read_back_unchanged_and_report_sizes(tmp_path):
-    values = np.random.default_rng(0).normal(size=(2, 50, 7)).astype(np.float32)
-    found = bench.compare_codecs(tmp_path, "view", values, (2, 50, 7))
-    assert "transpose+blosc-zstd5-shuffle" in found and bench.REFERENCE_CODEC in found
-    for numbers in found.values():
-        assert 0 < numbers["bytes_per_view"] < 2 * 7 * 4  # about the raw 28 bytes, plus headers
-    lse = bench.compare_codecs(tmp_path, "log_leftover", values[..., 0], (2, 50))
-    assert not any(name.startswith("transpose") for name in lse)  # one number per view: nothing to transpose
-
-
-def _entry(sizes: dict, encode: dict, decode: dict) -> dict:
-    return {"bytes_per_view": {"view": sizes[bench.REFERENCE_CODEC]},
-            "candidates": {"view": {c: {"bytes_per_view": sizes[c], "encode_views_per_s": encode[c],
-                                        "decode_views_per_s": decode[c]} for c in sizes}}}
-
-
-def test_codec_choice_is_the_smallest_that_keeps_half_the_speed():
-    ref = bench.REFERENCE_CODEC
-    sizes = {ref: 40.0, "small-but-slow": 30.0, "smaller": 35.0, "tiny-gain": 39.9}
-    encode = {ref: 100.0, "small-but-slow": 10.0, "smaller": 60.0, "tiny-gain": 500.0}
-    decode = {c: 100.0 for c in sizes}
-    best = bench.best_codecs({"by_k": {"10": _entry(sizes, encode, decode)}})["view"]
-    assert best["codec"] == "smaller" and best["bytes_per_view_summed"] == 35.0
-    assert best["smallest_overall"] == "small-but-slow" and best["in_use_summed"] == 40.0
-    sizes["smaller"] = 39.9  # saves less than 1%: the reference stays
-    assert bench.best_codecs({"by_k": {"10": _entry(sizes, encode, decode)}})["view"]["codec"] == ref
+    d = results["sections"]["deit_224"]
+    assert "| 224a | B / A" in text and f"| {num(d['b_over_a_224'])} | >= 1.0 |" in text
+    assert f"| {num(d['first_batch_over_steady'])} | <= 2 |" in text
 
 
 def test_interleave_alternates_the_alternatives():
     calls = []
-    values = bench.interleave({"a": lambda: calls.append("a") or 1.0, "b": lambda: calls.append("b") or 2.0}, 3)
+    values = timing.interleave({"a": lambda: calls.append("a") or 1.0, "b": lambda: calls.append("b") or 2.0}, 3)
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert values == {"a": [1.0] * 3, "b": [2.0] * 3}
-    assert bench.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
+    assert timing.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
 
 
 def test_phase_timer_charges_each_phase_and_restores_the_functions():
@@ -145,7 +120,7 @@ def test_phase_timer_charges_each_phase_and_restores_the_functions():
             yield i
 
     module = types.SimpleNamespace(slow=slow, items=items)
-    timer = bench.PhaseTimer({"compute": [(module, "slow")], "read": [(module, "items")]})
+    timer = timing.PhaseTimer({"compute": [(module, "slow")], "read": [(module, "items")]})
     with pytest.raises(KeyError):
         with timer.timing():
             assert [module.slow(i) for i in module.items(3)] == [1, 2, 3]
@@ -161,14 +136,20 @@ def test_loop_rate_is_the_median_step_rate_without_the_first_step(tmp_path):
     lines = [json.dumps({"event": "step", "step": i + 1, "images_per_s": r}) for i, r in enumerate(rates)]
     lines.insert(2, json.dumps({"event": "eval", "step": 2, "epoch": 0}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    assert bench._loop_rate(tmp_path) == (50.0 + 100.0) / 2
+    assert student._loop_rate(tmp_path) == (50.0 + 100.0) / 2
     (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n")
     with pytest.raises(RuntimeError, match="fewer than two steps"):
-        bench._loop_rate(tmp_path)
+        student._loop_rate(tmp_path)
+
+
+def test_the_cli_lists_the_benchmarks_sections_without_importing_them():
+    import stages.bench
+
+    assert stages.bench.SECTIONS == bench.SECTIONS
 
 
 def test_unknown_section_is_refused_with_the_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown bench section 'speed': valid sections are storage, cache_read"):
+    with pytest.raises(ValueError, match="unknown bench section 'speed': valid sections are deit_224, storage, cache_read"):
         bench.run(tmp_path, quick=True, only=("speed",))
     result = CliRunner().invoke(main, ["bench", "--quick", "--out", str(tmp_path), "--only", "speed"])
     assert result.exit_code == 2 and "'speed' is not one of" in result.output
@@ -185,3 +166,82 @@ def test_cuda_without_a_gpu_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "no CUDA device is visible" in result.output
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         bench.run(tmp_path, quick=True, device="cuda")
+
+
+# --------------------------------------------------------------------------------------------- photos, 224 px
+
+
+def test_photos_are_imagenet_like_jpegs_independent_of_the_process_count(tmp_path):
+    one = photos.write_photo_shards(tmp_path / "one", 6, 3, classes=4, seed=5, prefix="p")
+    two = photos.write_photo_shards(tmp_path / "two", 6, 3, classes=4, seed=5, prefix="p", processes=2)
+    lists = load_shardlist(one), load_shardlist(two)
+    assert [s.samples for s in lists[0].shards] == [3, 3] and list(lists[0].classes) == ["0", "1", "2", "3"]
+    raw = [[x.image for i in range(2) for x in read_shard(sl, i, decode=False)] for sl in lists]
+    assert raw[0] == raw[1]  # the same bytes, whatever the number of processes
+    decoded = [x for i in range(2) for x in read_shard(lists[0], i)]
+    assert [x.label for x in decoded] == [0, 1, 2, 3, 0, 1]  # i mod classes
+    for x in decoded:
+        assert 375 <= max(x.image.size) <= 500 and 0.7 <= x.image.size[0] / x.image.size[1] <= 1.4
+        assert np.asarray(x.image).std() > 10  # content, not a flat colour
+    stamp = (tmp_path / "one" / "made-with.json").stat().st_mtime_ns
+    photos.write_photo_shards(tmp_path / "one", 6, 3, classes=4, seed=5, prefix="p")
+    assert (tmp_path / "one" / "made-with.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_timm_side_reads_the_same_shards_with_deits_transform(tmp_path):
+    """A's loader (webdataset + create_transform) yields normalised 224 px batches of the shards' own labels."""
+    path = photos.write_photo_shards(tmp_path, 8, 8, classes=1000, seed=1, prefix="t")
+    shardlist = load_shardlist(path)
+    loader = deit224.timm_loader([shardlist.shards[0].url], batch=4, workers=0, shuffle=8)
+    batches = list(loader)
+    assert len(batches) == 2
+    x, y = batches[0]
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
+    assert -3 < float(x.mean()) < 3  # normalised, not 0..255
+    labels = sorted(int(v) for _, y in batches for v in y)
+    assert labels == sorted(s.label for s in read_shard(shardlist, 0))
+    names = [type(t).__name__ for t in deit224.timm_transform().transforms]
+    assert names[:3] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment"]
+    assert names[-1] == "RandomErasing"
+
+
+# --------------------------------------------------------------------------------------------- make bench-gpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip where there is no GPU")
+def test_bench_gpu_skips_cleanly_without_cuda(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    assert bench_gpu.main(["--out", str(out)]) == 0
+    assert "no CUDA device is visible" in capsys.readouterr().out
+    assert "skipped" in json.loads(out.read_text())
+
+
+def test_bench_gpu_all_reduce_sums_over_a_one_rank_group():
+    """The all-reduce check on the CPU's gloo backend (NCCL where there is a GPU): one rank, the sum is 1."""
+    result = bench_gpu.nccl_all_reduce("cpu")
+    assert result["ok"] and result["world_size"] == 1 and result["sum"] == 1.0 and result["all_reduce_ms"] > 0
+    assert not torch.distributed.is_initialized()  # its own group is torn down
+
+
+def test_bench_gpu_reports_every_measurement_and_each_failure():
+    results = {"date": "d", "machine": {"gpu": "H200"}, "errors": {"student_plain": "RuntimeError: boom"},
+               "measurements": {"teacher_forward": {"views_per_s": 4321.5, "eager_views_per_s": 4000.0},
+                                "teacher_cache": {"views_per_s": 3000.0, "share_of_teacher_forward": 0.694},
+                                "nccl": {"ok": True, "world_size": 1, "payload_mib": 256.0, "all_reduce_ms": 0.5}}}
+    text = bench_gpu.summary(results)
+    assert "4,322 views/s" in text and "3,000 views/s = 0.69 of the forward alone" in text
+    assert "FAILED student_plain: RuntimeError: boom" in text and "nccl all-reduce: ok" in text
+
+
+def test_timms_posterize_at_magnitude_ten_gives_black_as_on_older_pillow():
+    """timm's rand-m9 draws PosterizeIncreasing down to 0 bits; Pillow >= 13 refuses 0 bits, so A's transform
+    patches the op to what older Pillow (and the project's renderer) gives: black."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    ops = [op for t in deit224.timm_transform().transforms if isinstance(t, auto_augment.RandAugment) for op in t.ops]
+    patched = [op.name for op in ops if op.aug_fn is deit224._posterize_as_older_pillow]
+    assert patched == [op.name for op in ops if op.name.startswith("Posterize")] and patched
+    img = Image.new("RGB", (4, 4), (200, 100, 50))
+    assert deit224._posterize_as_older_pillow(img, 0).getpixel((0, 0)) == (0, 0, 0)
+    assert deit224._posterize_as_older_pillow(img, 4).getpixel((0, 0)) == (192, 96, 48)  # Pillow's own below

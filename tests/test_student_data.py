@@ -361,3 +361,31 @@ def test_loader_with_repeats_resumes_inside_an_epoch_and_ignores_the_worker_coun
     a, b = by_key(full), by_key(one)
     common = set(a) & set(b)
     assert len(common) > 0.8 * min(len(a), len(b)) and all(a[k] == b[k] for k in common)
+
+
+def test_the_shuffle_buffer_holds_encoded_samples_and_renders_views_when_their_batch_leaves(tiny_cache, monkeypatch):
+    """With a buffer as large as the epoch, the first batch renders only its own views and their mix partners
+    (at most two per view), not the buffer; over the epoch every unmixed view is rendered at most once per
+    window, and the views are still the ones the teacher saw (by digest)."""
+    m = tiny_cache.manifest("student.shuffle_buffer=4096")
+    data = open_train_set(m, tiny_cache.open())
+    rendered = []
+    original = views.render_unmixed
+
+    def counting(image, params, size, cfg):
+        rendered.append(1)
+        return original(image, params, size, cfg)
+
+    monkeypatch.setattr(views, "render_unmixed", counting)
+    batches = data.loader(0, 0)
+    first = next(batches)
+    b = m.student.batch_size
+    assert len(first["views"]) == b and len(rendered) <= 2 * b
+    assert len(rendered) < int(data.valid.sum()) // 2  # far from the whole epoch the buffer has read
+    rest = list(batches)
+    total = (1 + len(rest)) * b
+    assert len(rendered) <= 2 * total
+    digest = tiny_cache.open()["train"]["digest"][0]
+    for batch in [first, *rest]:
+        for view, shard, pos in zip(batch["views"], batch["shard"].tolist(), batch["pos"].tolist()):
+            assert (views.view_digest(view.numpy()) or 1) == int(digest[shard, pos])
