@@ -13,6 +13,8 @@ Measures, each on its own so that one failure still reports the others:
 - `student`: images/s of DeiT-Ti (`deit_tiny_distilled_patch16_224`, hard distillation, batch 128) trained
   from that cache by `pipeline.train.train` (the real data path: decode, replay, cache read, collate), against
   the same training step on a synthetic batch (`Learner.step`, no data path) and a plain timm/torch step.
+- `student_sweep`: four DeiT-Ti students (hard, soft, none, hard at twice the lr) trained from that cache on
+  one shared data pass (`pipeline.train.train_shared`) against the same four one after another.
 - `nccl`: an all-reduce over NCCL (a one-rank group on a single GPU, the torchrun group under torchrun),
   checked for the right sum, with its bus bandwidth.
 
@@ -159,7 +161,8 @@ def _manifest(s: Settings, work: Path, train: str, val: str):
     student = dataclasses.replace(m.student, model=STUDENT, img_size=SIZE, patch_size=16, distillation="hard",
                                   epochs=s.student_epochs, batch_size=s.student_batch, workers=s.workers,
                                   shuffle_buffer=min(1024, s.images), run_dir=str(work / "runs" / "student"), ckpt_every=0,
-                                  eval_every=0, verify_sample=0.0, device=s.device, compile=s.compile)
+                                  eval_every=0, verify_sample=0.0, device=s.device, compile=s.compile,
+                                  log=dataclasses.replace(m.student.log, every=8))
     for cfg_name, cfg in (("teacher", teacher), ("cache", cache)):  # a stage-1 compile switch, where there is one
         if s.compile and "compile" in {f.name for f in dataclasses.fields(cfg)}:
             if cfg_name == "teacher":
@@ -202,6 +205,33 @@ def student_from_cache(s: Settings, work: Path, m) -> dict:
             "images_per_s": statistics.median(steady) if steady else None,
             "first_step_images_per_s": rates[0] if rates else None,
             "run_images_per_s": result["steps"] * m.student.batch_size / wall}
+
+
+def student_sweep(s: Settings, work: Path, m) -> dict:
+    """Four students of a sweep (hard, soft, none, hard at twice the lr) from the cache: one shared data pass
+    (`train_shared`) against the same four trained one after another (`train`), wall time, warm process."""
+    from pipeline.distributed import World
+    from pipeline.train import train, train_shared
+
+    variants = (("hard", 1.0), ("soft", 1.0), ("none", 1.0), ("hard", 2.0))
+
+    def students(tag: str) -> list:
+        return [dataclasses.replace(m, student=dataclasses.replace(
+            m.student, distillation=mode, optim=dataclasses.replace(m.student.optim, lr=m.student.optim.lr * scale),
+            run_dir=str(work / "sweep" / tag / f"student-{i}"))) for i, (mode, scale) in enumerate(variants)]
+
+    started = time.perf_counter()
+    results = train_shared(students("shared"), World(0, 1, None), progress=False)
+    shared = time.perf_counter() - started
+    failed = [r for r in results if isinstance(r, Exception)]
+    if failed:
+        raise failed[0]
+    started = time.perf_counter()
+    for one in students("separate"):
+        train(one, World(0, 1, None), progress=False)
+    separate = time.perf_counter() - started
+    return {"students": len(variants), "epochs": m.student.epochs, "batch": m.student.batch_size,
+            "shared_s": round(shared, 2), "separate_s": round(separate, 2), "shared_over_separate": shared / separate}
 
 
 def _synthetic_batch(b: int, pin: bool, k: int = 10) -> dict:
@@ -338,6 +368,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
             stage = _attempt(results, "teacher_cache", lambda: teacher_cache_stage(s, work, m, forward))
             if stage is not None:
                 _attempt(results, "student_from_cache", lambda: student_from_cache(s, work, m))
+                _attempt(results, "student_sweep", lambda: student_sweep(s, work, m))
             _attempt(results, "student_synthetic", lambda: student_synthetic(s, m))
         _attempt(results, "student_plain", lambda: student_plain(s))
     _attempt(results, "nccl", lambda: nccl_all_reduce(s.device))
@@ -371,6 +402,10 @@ def summary(results: dict) -> str:
                  f"{get('student_plain', 'images_per_s')}")
     if "student_data_share" in results:
         lines.append(f"  data path share of the synthetic step rate: {results['student_data_share']:.2f}")
+    if "student_sweep" in meas:
+        sw = meas["student_sweep"]
+        lines.append(f"  sweep of {sw['students']} students: one shared pass {sw['shared_s']} s, one after another "
+                     f"{sw['separate_s']} s: shared / separate = {sw['shared_over_separate']:.2f}")
     lines.append(f"  nccl all-reduce: {'ok' if meas.get('nccl', {}).get('ok') else 'n/a'} "
                  f"(world {get('nccl', 'world_size')}, {get('nccl', 'payload_mib')} MiB in {get('nccl', 'all_reduce_ms')} ms)")
     for name, error in results["errors"].items():
