@@ -413,6 +413,47 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+RECORDED = Path(__file__).with_name("gpu_runs")  # bench-gpu results from lent GPUs, shown in BENCHMARKS.md
+
+
+def recorded() -> list[tuple[str, dict]]:
+    """(file name, results) of the recorded runs, oldest first."""
+    return [(path.name, json.loads(path.read_text())) for path in sorted(RECORDED.glob("*.json"))]
+
+
+def markdown(runs: list[tuple[str, dict]]) -> list[str]:
+    """BENCHMARKS.md's GPU section: one row per recorded `make bench-gpu` run (`benchmarks/gpu_runs/`)."""
+    if not runs:
+        return []
+
+    def n(value, digits: str = ",.0f") -> str:
+        return "n/a" if value is None else format(value, digits)
+
+    lines = ["## GPU (`make bench-gpu`, recorded runs)", "",
+             "Each row is one `benchmarks/bench_gpu.py` run on a lent GPU, its JSON kept in `benchmarks/gpu_runs/` "
+             "(the command and the code it ran are in the file). Stage 1 is `regnety_160` (random weights, 224 px, "
+             "bf16, channels_last) over generated ImageNet-like JPEG shards with DeiT's recipe; the student is "
+             "DeiT-Ti from that cache (hard distillation, batch 128).", "",
+             "| run | GPU, torch | teacher forward views/s (compiled) | stage 1 views/s (share of forward) | "
+             "student from cache img/s | synthetic step img/s | plain timm step img/s | 4-student sweep shared / "
+             "separate | NCCL |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs:
+        meas, mach = r.get("measurements", {}), r.get("machine", {})
+        fwd, tc = meas.get("teacher_forward", {}), meas.get("teacher_cache", {})
+        sweep = meas.get("student_sweep", {})
+        lines.append(
+            f"| `{name}` | {mach.get('gpu')}, torch {mach.get('torch')} | {n(fwd.get('eager_views_per_s'))} "
+            f"({n(fwd.get('compiled_views_per_s'))}) | {n(tc.get('views_per_s'))} "
+            f"({n(tc.get('share_of_teacher_forward'), '.2f')}) | "
+            f"{n(meas.get('student_from_cache', {}).get('images_per_s'))} | "
+            f"{n(meas.get('student_synthetic', {}).get('images_per_s'))} | "
+            f"{n(meas.get('student_plain', {}).get('images_per_s'))} | "
+            f"{n(sweep.get('shared_over_separate'), '.2f')} | {'ok' if meas.get('nccl', {}).get('ok') else 'n/a'} |")
+    lines += ["", "Code and command of each run: " + "; ".join(f"`{name}`: {r.get('code', 'n/a')}, "
+                                                             f"`{r.get('command', 'n/a')}`" for name, r in runs) + "."]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/gpu.json", help="JSON results file [bench/gpu.json]")

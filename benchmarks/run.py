@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cache_read, deit224, replay, stage, storage, student, sweep_pass
+from benchmarks import bench_gpu, cache_read, deit224, replay, stage, storage, student, sweep_pass
 from benchmarks.markdown import table
 from benchmarks.settings import bench_manifest, machine, settings
 from pipeline import teacher_cache
@@ -134,6 +134,8 @@ def report(results: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()), ""]
     rows = [row for name, goals in GOALS.items() if name in sec for row in goals(sec[name])]
     lines += ["## Goals", ""] + table(["#", "measure", "result", "goal", "met"], rows) + [""]
+    gpu = bench_gpu.markdown(bench_gpu.recorded())
+    lines += gpu + ([""] if gpu else [])
     for name in REPORT_ORDER:
         if name in MEASURED and name in results.get("markdown", {}):
             lines += [results["markdown"][name], ""]

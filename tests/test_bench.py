@@ -245,3 +245,13 @@ def test_timms_posterize_at_magnitude_ten_gives_black_as_on_older_pillow():
     img = Image.new("RGB", (4, 4), (200, 100, 50))
     assert deit224._posterize_as_older_pillow(img, 0).getpixel((0, 0)) == (0, 0, 0)
     assert deit224._posterize_as_older_pillow(img, 4).getpixel((0, 0)) == (192, 96, 48)  # Pillow's own below
+
+
+def test_recorded_gpu_runs_are_tabled_with_their_own_numbers():
+    runs = bench_gpu.recorded()
+    assert runs, "benchmarks/gpu_runs/ holds the runs BENCHMARKS.md quotes"
+    text = "\n".join(bench_gpu.markdown(runs))
+    for name, r in runs:
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        forward = r["measurements"]["teacher_forward"]["eager_views_per_s"]
+        assert f"| {forward:,.0f} (" in row and r["command"] in text
