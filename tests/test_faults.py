@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import re
+import signal
 import shutil
 import socket
 import subprocess
@@ -168,12 +169,25 @@ def test_a_reader_during_the_write_sees_only_complete_units(tmp_path, overrides,
 
 
 def test_two_writers_started_at_once_cannot_corrupt_the_cache(tmp_path, overrides, reference):
+    """The second writer starts while the first holds the lock (the first is stopped with SIGSTOP once its pid is
+    in the lock file, so a loaded machine cannot let it finish first): the second is refused, the first goes
+    on and writes the reference bytes."""
     path = str(tmp_path / "cache")
     launcher = fault_script.Launcher("fork", threads=1)
     argv = fault_script._argv(TINY, overrides, path)
-    first, second = launcher.start(argv), launcher.start(argv)
-    codes = sorted([launcher.wait(first), launcher.wait(second)])
-    assert codes == [0, 1]  # one wrote the cache, the other stopped at the lock
+    first = launcher.start(argv)
+    lock_file = lock.lock_dir(path) / "rank0-of-1.lock"
+    deadline = time.monotonic() + 120
+    while f'"pid": {first.pid},' not in (lock_file.read_text() if lock_file.exists() else ""):
+        assert launcher.alive(first) and time.monotonic() < deadline, "the first writer never took the lock"
+        time.sleep(0.005)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = launcher.start(argv)
+        assert launcher.wait(second) == 1  # stopped at the lock
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert launcher.wait(first) == 0
     assert_same_cache(path, reference)
 
 
