@@ -63,7 +63,7 @@ def test_demo_summary_matches_timm_on_the_test_split(tiny_cache, tmp_path, monke
             config = json.loads((run_dir / "result.json").read_text())["config"]
             assert (config["student"]["distillation"], config["student"]["seed"]) == (mode, seed)
             student = create_student(from_dict(config).student, 10)
-            student.model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"])
+            student.model.load_state_dict(torch.load(run_dir / "last.pth", weights_only=True)["model"])
             student.model.set_distilled_training(False)  # timm's eval forward: the average of the two heads
             preds = _timm_predictions(student.model, student.model.pretrained_cfg, m.student.img_size, images)
             top1.append((preds == labels).mean())
