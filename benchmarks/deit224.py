@@ -33,7 +33,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from pipeline.distributed import World
 from pipeline.manifest import Manifest
 from pipeline.reader import read_shard
 from pipeline.shards import load_shardlist
+from pipeline.student_data import EncodedImages
 
 STUDENT = "deit_tiny_distilled_patch16_224"
 CLASSES = 1000
@@ -245,14 +246,15 @@ def first_batch(m: Manifest, urls: list[str], reps: int) -> dict:
 # --------------------------------------------------------------------------------------------- per view
 
 
-class DraftImages(Mapping):
+class DraftImages(EncodedImages):
     """A replay candidate, measured and not adopted: position -> RGB image decoded at the coarsest JPEG DCT
     scale (1/2, 1/4, 1/8: PIL's draft mode) that keeps the view's crop box at least `size` px a side, a scale
     derivable from the stored crop and the teacher's size alone. It changes the pixels (the resize starts
     from a DCT-reduced image), so adopting it means stage 1 decoding the same way and a new recipe version."""
 
     def __init__(self, encoded: dict[int, bytes], params: np.ndarray, size: int):
-        self.encoded, self.params, self.size = encoded, params, size
+        super().__init__(encoded, "the 224 px bench's photos")
+        self.params, self.size = params, size
         self.scales: list[float] = []  # the decode scale of every image decoded
 
     def __getitem__(self, pos: int) -> Image.Image:
@@ -263,15 +265,6 @@ class DraftImages(Mapping):
                           max(1, math.ceil(self.size / max(y1 - y0, 1e-6)))))
         self.scales.append(width / img.size[0])
         return img.convert("RGB")
-
-    def __contains__(self, pos) -> bool:
-        return pos in self.encoded
-
-    def __iter__(self):
-        return iter(self.encoded)
-
-    def __len__(self) -> int:
-        return len(self.encoded)
 
 
 def per_view(shardlist_path: str, count: int, reps: int) -> dict:
