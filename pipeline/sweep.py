@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from tqdm import tqdm
 
 from pipeline import cache
 from pipeline.manifest import Manifest, ManifestError, load, read_yaml_mapping, to_dict
@@ -287,6 +288,8 @@ def execute(manifest_path: str, runs: list[PlannedRun], passes: list[tuple[int, 
     before this process runs any torch op: a fork after OpenMP has started its threads is not safe."""
     context = multiprocessing.get_context("fork")
     pending, running, outcome, started = list(passes), {}, {}, 0
+    # one overall bar of students, on a terminal only (logs keep the lines below)
+    bar = tqdm(total=sum(len(group) for _, group in passes), unit="student", desc="sweep", disable=None)
     while pending or running:
         while pending and len(running) < jobs:
             number, group = pending.pop(0)
@@ -296,9 +299,11 @@ def execute(manifest_path: str, runs: list[PlannedRun], passes: list[tuple[int, 
                 if fd is None:
                     outcome[run.name] = "busy: another process is training it"
                     echo(f"  {run.name}: another process is training it; skipped")
+                    bar.update()
                 elif run.finished:  # another sweep finished it meanwhile
                     os.close(fd)
                     outcome[run.name] = "done"
+                    bar.update()
                 else:
                     members.append(run)
                     fds.append(fd)
@@ -332,7 +337,9 @@ def execute(manifest_path: str, runs: list[PlannedRun], passes: list[tuple[int, 
                     outcome[run.name] = _failure(run, child.exitcode)
                     echo(f"  {run.name}: FAILED ({outcome[run.name]}) in pass {number}; see "
                          f"{run.run_dir / LOG} and {log_of(sweep_dir, number)}")
+            bar.update(len(members))
         time.sleep(POLL_S)
+    bar.close()
     return outcome
 
 

@@ -3,6 +3,7 @@ cache at once, a sweep killed half-way that finishes only its missing runs when 
 
 import csv
 import fcntl
+import io
 import json
 import os
 import re
@@ -147,7 +148,14 @@ def test_finished_runs_must_match_the_sweep(tiny_cache, tmp_path):
         sweep("manifests/tiny.yaml", TINY_SWEEP, jobs=0)
 
 
-def test_a_run_another_process_trains_is_skipped_and_reported(tiny_cache, tmp_path):
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_run_another_process_trains_is_skipped_and_reported(tiny_cache, tmp_path, monkeypatch):
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)  # the sweep's overall bar shows on a terminal
     one = _write(tmp_path / "one.yaml", "runs: [{student.seed: 3}]\n")
     run_dir = tmp_path / "out" / "seed=3"
     run_dir.mkdir(parents=True)
@@ -164,6 +172,7 @@ def test_a_run_another_process_trains_is_skipped_and_reported(tiny_cache, tmp_pa
     assert "  seed=3: another process is training it; skipped" in lines
     assert "| seed=3 | busy: another process is training it |" in lines[-1]
     assert not (run_dir / "train.log").exists()
+    assert "sweep: 100%" in err.getvalue() and "1/1" in err.getvalue()
 
 
 # --------------------------------------------------------------------------------------------- running
