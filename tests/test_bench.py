@@ -5,14 +5,12 @@ No timed assertions: timings are only checked to be finite and positive."""
 
 import json
 import math
-import os
 import time
 import types
 
 import numpy as np
 import pytest
 import torch
-import zarr
 from click.testing import CliRunner
 
 from benchmarks import bench_gpu, deit224, photos, run as bench, stage, student, timing

@@ -2,7 +2,6 @@
 held-out test split; the summary's numbers against timm's own eval transform and forward."""
 
 import json
-import os
 import statistics
 from pathlib import Path
 

@@ -84,7 +84,7 @@ def setup(s3, tmp_path_factory):
         for path in sorted((work / "shards" / split).glob("*.tar")):
             fs.put_file(str(path), f"data/shards/{split}/{path.name}")
     options = json.dumps({"endpoint_url": s3})
-    remote = [f"data.train=s3://data/shards/train/part-{{000000..000005}}.tar", "data.val=s3://data/shards/val/*.tar",
+    remote = ["data.train=s3://data/shards/train/part-{000000..000005}.tar", "data.val=s3://data/shards/val/*.tar",
               f"data.storage_options={options}", f"cache.storage_options={options}",
               f"teacher.checkpoint={work / 'teacher.pt'}", "cache.batch_size=4", "cache.device=cpu", "cache.epochs=3"]
     reference = str(work / "reference")

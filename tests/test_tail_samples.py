@@ -3,7 +3,6 @@ top-K plus T tail draws equals the full-distribution gradient within sampling er
 draws, while the top-K with the uniform fill is biased far beyond it. Float64 truth from the full logits."""
 
 import numpy as np
-import pytest
 import torch
 
 from pipeline.losses import deit_loss, sparse_teacher_answers
