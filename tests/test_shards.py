@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from terminal import Terminal
 from pipeline.cli import main
 from pipeline.reader import ShardError, read_shard
 from pipeline.shards import (build_shardlist, class_order, class_order_warning, load_class_map, load_shardlist,
@@ -403,15 +404,10 @@ def _jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-class _Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
 @pytest.mark.parametrize("terminal, progress, shown", [(True, True, True), (True, False, False), (False, True, False)])
 def test_sharding_shows_a_bar_on_a_terminal_only(tmp_path, monkeypatch, terminal, progress, shown):
     make_tree(tmp_path / "src")
-    err = _Terminal() if terminal else io.StringIO()
+    err = Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     write_imagefolder(tmp_path / "src", tmp_path / "out", 3, progress=progress)
     assert ("shards: 100%" in err.getvalue() and "10/10" in err.getvalue()) is shown

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from matplotlib.figure import Figure
 from PIL import Image
 
+from terminal import Terminal
 from pipeline import cache, plots, views
 from pipeline.stats import HEADS, StatsError, compute, format_table
 from pipeline.train import train
@@ -376,10 +377,6 @@ def test_a_pickle_planted_as_a_checkpoint_is_not_executed(tiny_cache, tmp_path):
 
 
 def test_a_bar_over_the_complete_units_on_a_terminal_only(synthetic_cache, monkeypatch):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
     for stream, progress, shown in ((Terminal(), True, True), (Terminal(), False, False), (io.StringIO(), True, False)):
         monkeypatch.setattr(sys, "stderr", stream)
         compute(synthetic_cache, progress=progress)

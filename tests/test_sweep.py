@@ -3,7 +3,6 @@ cache at once, a sweep killed half-way that finishes only its missing runs when 
 
 import csv
 import fcntl
-import io
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from terminal import Terminal
 from pipeline.manifest import load, to_dict
 from pipeline.sweep import SweepError, describe_passes, expand, group_runs, load_sweep, plan, run_name, sweep
 
@@ -148,13 +148,8 @@ def test_finished_runs_must_match_the_sweep(tiny_cache, tmp_path):
         sweep("manifests/tiny.yaml", TINY_SWEEP, jobs=0)
 
 
-class _Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
 def test_a_run_another_process_trains_is_skipped_and_reported(tiny_cache, tmp_path, monkeypatch):
-    err = _Terminal()
+    err = Terminal()
     monkeypatch.setattr(sys, "stderr", err)  # the sweep's overall bar shows on a terminal
     one = _write(tmp_path / "one.yaml", "runs: [{student.seed: 3}]\n")
     run_dir = tmp_path / "out" / "seed=3"
