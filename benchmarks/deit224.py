@@ -258,11 +258,11 @@ class DraftImages(EncodedImages):
         self.scales: list[float] = []  # the decode scale of every image decoded
 
     def __getitem__(self, pos: int) -> Image.Image:
-        x0, y0, x1, y1 = views.describe(self.params[pos])["crop"]["box"]
+        x0, y0, x1, y1 = views.describe(self.params[pos])["crop"]["box"]  # pixels of the source
         img = Image.open(io.BytesIO(self.encoded[pos]))
         width, height = img.size
-        img.draft("RGB", (max(1, math.ceil(self.size / max(x1 - x0, 1e-6))),
-                          max(1, math.ceil(self.size / max(y1 - y0, 1e-6)))))
+        img.draft("RGB", (max(1, math.ceil(self.size * width / max(x1 - x0, 1))),
+                          max(1, math.ceil(self.size * height / max(y1 - y0, 1)))))
         self.scales.append(width / img.size[0])
         return img.convert("RGB")
 

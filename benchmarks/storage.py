@@ -1,4 +1,4 @@
-"""The storage section of `make bench`: bytes per view of cache format v2, per array, apparent and on disk.
+"""The storage section of `make bench`: bytes per view of cache format v3, per array, apparent and on disk.
 
 A cache is written through `cache.create`/`cache.write_unit` (so with the layout and codecs `cache.py` uses)
 at ImageNet-sized units (FULL: one unit of 8 shards x 1,000 views, as `manifests/imagenet_deit.yaml`'s
@@ -32,7 +32,7 @@ from benchmarks.synthetic import imagenet_like_params, synthetic_logits
 from pipeline import cache, views
 from pipeline.losses import deit_loss, sparse_teacher_answers
 
-PER_VIEW = ("topk_logprobs", "topk_ids", "log_leftover", "view", "digest", "tail_ids", "tail_logprobs")
+PER_VIEW = ("topk_logratios", "topk_ids", "leftover_logit", "view", "digest", "tail_ids", "tail_logprobs")
 PER_SAMPLE = ("labels",)  # stored once per sample, not per view
 TINYVIT_GOAL = {10: 44.0, 100: 4 * 100 + 4.0}  # TinyViT's 4K+4 B record (float16 probs, int16 ids, seed)
 
@@ -76,7 +76,7 @@ def cache_bytes(work: Path, s: Settings, k: int, logits: torch.Tensor, params: n
     for name in ("topk_ids", "tail_ids"):
         if name in data:
             data[name] = data[name].astype(np.uint16)
-    data |= {"view": params, "digest": rng.integers(1, 2**32, size=(s.shards, s.positions)).astype(np.uint32),
+    data |= {"view": params, "digest": rng.integers(1, 2**24, size=(s.shards, s.positions)).astype(np.uint32),
              "labels": rng.integers(s.classes, size=(s.shards, s.positions)).astype(np.int32)}
     layout = cache.CacheLayout(shards=s.shards, positions=s.positions, top_k=k, num_classes=s.classes,
                                n_params=views.N_PARAMS, shards_per_unit=s.shards_per_unit, epochs=1, tail_samples=t)
@@ -88,13 +88,24 @@ def cache_bytes(work: Path, s: Settings, k: int, logits: torch.Tensor, params: n
     for shard in range(s.shards):  # the reader gives back exactly what was written
         slab = cache.read_slab(root, "train", 0, shard, tuple(data))
         for name, value in slab.items():
-            if not np.array_equal(value, data[name][shard]):
+            if name == "topk_logprobs":  # rank 1's is derived (cache.topk_logprobs): its probability to 2**-10
+                first = np.exp(value[..., 0].astype(np.float64)) / np.exp(data[name][shard][..., 0].astype(np.float64))
+                if np.abs(first - 1).max() > 2**-10:
+                    raise AssertionError(f"{path}: the derived top-1 probability of shard {shard} is off by {np.abs(first - 1).max():.2g}")
+                value, data_value = value[..., 1:], data[name][shard][..., 1:]
+            else:
+                data_value = data[name][shard]
+            if not np.array_equal(value, data_value):
                 raise AssertionError(f"{path}: {name} of shard {shard} did not read back unchanged")
     arrays = {}
     for name in (*PER_VIEW, *PER_SAMPLE, "done"):
         if (path / "train" / name).exists():
             apparent, disk = _chunk_bytes(path / "train" / name)
             raw = data[name][0, 0].nbytes if name in data else 1
+            if name == "topk_logratios":
+                raw = data["topk_logprobs"][0, 0, 1:].astype(np.float16).nbytes
+            if name == "leftover_logit":
+                raw = 2
             if name in cache.CODECS:
                 raw = cache.CODECS[name][0](data[name][0, :1]).nbytes
             arrays[name] = {"raw": raw, "apparent": apparent / n, "disk": disk / n,
@@ -164,7 +175,7 @@ def measure(quick: bool = False) -> tuple[dict, str]:
 def markdown(results: dict) -> str:
     st = results["storage"]
     cfg = st["settings"]
-    lines = ["## 4. Storage (cache format v2)", "",
+    lines = ["## 4. Storage (cache format v3)", "",
              f"Bytes per view of a cache written by `cache.create`/`cache.write_unit`: {cfg['views']} views in units "
              f"of {cfg['unit_views']} (ImageNet's 8 shards per unit), {cfg['classes']} classes, ImageNet-like teacher "
              f"outputs reduced by `losses.sparse_teacher_answers` (stage 1's function), real `views.sample_params` "

@@ -1,26 +1,28 @@
 """The teacher cache: one Zarr v3 group, its layout, its attributes, and the unit write/read rules.
 
-Layout, schema distill-cache/2 (E cached epochs, S train shards, P = longest train shard, K = top-K, B =
+Layout, schema distill-cache/3 (E cached epochs, S train shards, P = longest train shard, K = top-K, B =
 `pipeline.views.PARAM_BYTES`)::
 
     <cache>/zarr.json                  attributes: schema, fingerprint, K, classes, teacher, recipe, versions ...
-    train/topk_logprobs float16 [E, S, P, K]   the teacher's top-K log-probabilities z - logsumexp(z), descending
-    train/topk_ids      uint16|int32 [E, S, P, K]  their class ids (uint16 up to 65,535 classes)
-    train/log_leftover  uint16  [E, S, P]      log of the mass outside the top-K, as -round(1024 log m)
+    train/topk_logratios float16 [E, S, P, K-1]  log p_i - log p_1 of ranks 2..K (none when K = 1)
+    train/topk_ids      uint16|int32 [E, S, P, K]  the top-K class ids, rank 1 first (uint16 up to 65,535 classes)
+    train/leftover_logit uint16 [E, S, P]      logit s = log(m / (1 - m)) of the mass m outside the top-K
     train/view          uint8   [E, S, P, B]   the quantised view parameters (`pipeline.views.encode_params`)
-    train/digest        uint32  [E, S, P]      32-bit digest of the teacher's uint8 view; 0 = no view here
+    train/digest        uint32  [E, S, P]      24-bit digest of the teacher's uint8 view; 0 = no view here
     train/tail_ids      uint16|int32 [E, S, P, T]  with cache.tail_samples = T: classes drawn from the tail
     train/tail_logprobs float16 [E, S, P, T]   (the teacher's distribution outside the top-K), and their log-probs
     train/labels        int32   [S, P]         ground-truth labels (written by the epoch-0 units)
     train/done          uint8   [E, G]         1 once unit (epoch, shard group) is durable
-    val/topk_logprobs, val/topk_ids, val/log_leftover, val/digest [Sv, Pv, ...], val/labels, val/done [Gv]
+    val/topk_logratios, val/topk_ids, val/leftover_logit, val/digest [Sv, Pv, ...], val/labels, val/done [Gv]
 
-Why log-probabilities and a separate leftover: for a confident teacher the leftover `1 - sum_i p_i` is a
-difference of nearly equal numbers, which float16 logits (v1) destroyed. float16 log-probabilities keep each
-p_i to a relative 2**-11 |log p_i|, and the leftover stored on its own, in fixed point of its logarithm (steps
-of 1/1024, so relative error at most 2**-11 = 4.9e-4 down to m = e**-64; the code 65535 means "nothing left"),
-does not depend on them (tests/test_cache_format.py proves both against float64). Readers get decoded values:
-`log_leftover` float32 (-inf for "nothing left") and `view` float32 [.., N_PARAMS]; `write_unit` takes the same.
+Why this form: for a confident teacher the leftover `1 - sum_i p_i` is a difference of nearly equal numbers,
+which float16 logits (v1) destroyed. The leftover's logit in fixed point (`encode_answers`: steps of 1/1024)
+keeps both m and 1 - m to a relative 4.9e-4, whether the teacher is confident (m tiny) or flat (m near 1); the
+top-K are stored as float16 ratios to rank 1, and rank 1 follows from them and 1 - m (`decode_answers`), so no
+stored number is implied by the others (v2 stored all K log-probabilities: one more number a view).
+tests/test_cache_format.py proves the bounds against float64. Readers get decoded values: `topk_logprobs`
+float32 [.., K], `log_leftover` float32 (-inf for "nothing left") and `view` float32 [.., N_PARAMS];
+`write_unit` takes the same.
 
 A work unit is (epoch, group of `shards_per_unit` consecutive shards) and owns whole chunks of every array
 (chunk shape (1, shards_per_unit, P, ...)), so exactly one writer ever touches a chunk: zarr-python loses
@@ -40,6 +42,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,34 +50,65 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 from zarr.core.sync import sync
 
 from pipeline import views
 
-SCHEMA = "distill-cache/2"
+SCHEMA = "distill-cache/3"
 SPLITS = ("train", "val")
-LEFTOVER_SCALE = 1024  # log_leftover is stored as round(-log(m) * LEFTOVER_SCALE)
-LEFTOVER_NONE = 65535  # ... and this code means no mass outside the top-K (K = C, or m < e**-64)
+LOGIT_TOP = 16.0  # leftover_logit holds rint((LOGIT_TOP - s) * LOGIT_SCALE), s = log(m / (1 - m)) of the leftover m
+LOGIT_SCALE = 1024
+LOGIT_NONE = 65535  # ... and this code means no mass outside the top-K (K = C, or m < e**-48)
 
 
-def encode_log_leftover(log_leftover: np.ndarray) -> np.ndarray:
-    """log of the leftover mass (float, <= 0, -inf for none) -> the stored uint16 code."""
-    code = np.rint(-np.asarray(log_leftover, np.float64) * LEFTOVER_SCALE)
-    return np.where(np.isfinite(code) & (code < LEFTOVER_NONE), np.clip(code, 0, None), LEFTOVER_NONE).astype(np.uint16)
+def encode_answers(topk_logprobs: np.ndarray, log_leftover: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's answers as stored: (topk_logratios float16 [..., K-1], leftover_logit uint16 [...]).
+    `topk_logprobs` [..., K] has rank 1 first; `log_leftover` is log m (-inf for none)."""
+    lp = np.asarray(topk_logprobs, np.float64)
+    log_m = np.asarray(log_leftover, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logit = log_m - np.log(-np.expm1(log_m))  # log m - log(1 - m), both ends exact
+        code = np.rint((LOGIT_TOP - logit) * LOGIT_SCALE)
+    code = np.where(np.isnan(code) | (code >= LOGIT_NONE), LOGIT_NONE, np.clip(code, 0, None))
+    return (lp[..., 1:] - lp[..., :1]).astype(np.float16), code.astype(np.uint16)
 
 
-def decode_log_leftover(code: np.ndarray) -> np.ndarray:
-    """The stored uint16 code -> float32 log of the leftover mass (-inf for none)."""
-    code = np.asarray(code)
-    return np.where(code == LEFTOVER_NONE, -np.inf, -code.astype(np.float64) / LEFTOVER_SCALE).astype(np.float32)
+def decode_answers(topk_logratios: np.ndarray, leftover_logit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored form -> (topk_logprobs float32 [..., K], log_leftover float32 [...], -inf for none): with s the
+    leftover's logit, log m = -log(1 + e**-s), log(1 - m) = -log(1 + e**s), and rank 1's log-prob is
+    log(1 - m) - log(1 + sum_i e**r_i) over the stored ratios r_i of ranks 2..K."""
+    ratios = np.asarray(topk_logratios).astype(np.float64)
+    code = np.asarray(leftover_logit)
+    logit = LOGIT_TOP - code.astype(np.float64) / LOGIT_SCALE
+    none = code == LOGIT_NONE
+    log_m = np.where(none, -np.inf, -np.logaddexp(0.0, -logit))
+    log_top = np.where(none, 0.0, -np.logaddexp(0.0, logit))  # log of the top-K mass 1 - m
+    first = log_top - np.log1p(np.exp(ratios).sum(-1))
+    topk = np.concatenate([first[..., None], first[..., None] + ratios], axis=-1)
+    return topk.astype(np.float32), log_m.astype(np.float32)
 
 
-# fields whose stored form differs from what readers and writers hand over: name -> (encode, decode)
-CODECS = {
-    "log_leftover": (encode_log_leftover, decode_log_leftover),
-    "view": (views.encode_params, views.decode_params),
-}
+# the fields readers and writers hand over that are stored in another form: field -> the arrays it is stored in
+ANSWER_ARRAYS = ("topk_logratios", "leftover_logit")
+STORED_AS = {"topk_logprobs": ANSWER_ARRAYS, "log_leftover": ANSWER_ARRAYS}
+# fields stored in an array of their own name with a codec: name -> (encode, decode)
+CODECS = {"view": (views.encode_params, views.decode_params)}
+
+
+def _stored(data: dict[str, np.ndarray], grp: zarr.Group) -> dict[str, np.ndarray]:
+    """What `write_unit` is handed as the arrays it writes: the teacher's answers either decoded
+    (`topk_logprobs`, `log_leftover`: encoded here) or already in their stored form (stage 1, which computes it
+    from the full logits: `losses.sparse_teacher_answers(stored=True)`)."""
+    out = {name: (CODECS[name][0](values) if name in CODECS else values)
+           for name, values in data.items() if name not in STORED_AS}
+    if "topk_logprobs" in data:
+        out["topk_logratios"], out["leftover_logit"] = encode_answers(data["topk_logprobs"], data["log_leftover"])
+    if "topk_logratios" in out and "topk_logratios" not in grp:  # K = 1 stores no ratios
+        del out["topk_logratios"]
+    if "leftover_logit" in out:
+        out["leftover_logit"] = np.asarray(out["leftover_logit"]).astype(np.uint16)
+    return out
 
 
 class CacheError(RuntimeError):
@@ -106,22 +140,25 @@ class CacheLayout:
         return range(group * self.shards_per_unit, min((group + 1) * self.shards_per_unit, self.shards))
 
 
-def _compressors(name: str, dtype: str) -> list:
+def _compressors(name: str, dtype: str, column: int) -> list:
     # zstd inside blosc, then a crc32c so a flipped byte is caught on read. Chosen by measurement (`make bench`,
     # BENCHMARKS.md storage section): bit-shuffle for the class ids (their high bits are zero: smaller and faster
     # to write than byte-shuffle), byte-shuffle for the rest; zstd level 5 (level 9 writes 10-30x slower). The
-    # view records (48 B a view, byte columns after the transpose) take plain zstd at level 19: 5% smaller than
-    # blosc's level 5 there, and a unit's records are small enough that the slower level costs milliseconds
+    # view records (45 B a view, byte columns after the transpose) take zstd level 9 inside blosc with one blosc
+    # block per byte column (`column` bytes: the unit's views), so each column gets its own entropy tables: 8%
+    # smaller than one zstd stream at level 19 over all columns, whose tables mix the fields
     if name == "view":
-        return [ZstdCodec(level=19), Crc32cCodec()]
+        return [BloscCodec(cname="zstd", clevel=9, shuffle="noshuffle", typesize=1, blocksize=column), Crc32cCodec()]
     shuffle = "bitshuffle" if name in ("topk_ids", "tail_ids") else "shuffle"
     return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
 
 
 def _filters(name: str, ndim: int) -> list:
-    # the view records are laid out byte-column-major inside a chunk (last two axes swapped) so each field's bytes
-    # lie together (a byte shuffle per field): smaller and faster to write (BENCHMARKS.md); lossless
-    return [TransposeCodec(order=(*range(ndim - 2), ndim - 1, ndim - 2))] if name == "view" else []
+    # the view records are laid out byte-column-major inside a chunk (the byte axis first) so each field's bytes,
+    # over all the unit's views, lie together (a byte shuffle per field): smaller and faster to write
+    # (BENCHMARKS.md); with the byte axis only swapped past the positions, each shard's columns would alternate
+    # and zstd's entropy tables would mix fields (0.9 B a view more at ImageNet's units); lossless
+    return [TransposeCodec(order=(ndim - 1, *range(ndim - 1)))] if name == "view" else []
 
 
 def _array_specs(layout: CacheLayout) -> dict[str, tuple[tuple, tuple, str]]:
@@ -130,9 +167,9 @@ def _array_specs(layout: CacheLayout) -> dict[str, tuple[tuple, tuple, str]]:
     e1 = () if layout.epochs is None else (1,)
     s, p, k, u = layout.shards, layout.positions, layout.top_k, layout.shards_per_unit
     specs = {
-        "topk_logprobs": (e + (s, p, k), e1 + (u, p, k), "float16"),
+        **({"topk_logratios": (e + (s, p, k - 1), e1 + (u, p, k - 1), "float16")} if k > 1 else {}),
         "topk_ids": (e + (s, p, k), e1 + (u, p, k), layout.id_dtype),
-        "log_leftover": (e + (s, p), e1 + (u, p), "uint16"),
+        "leftover_logit": (e + (s, p), e1 + (u, p), "uint16"),
         "digest": (e + (s, p), e1 + (u, p), "uint32"),
         "labels": ((s, p), (u, p), "int32"),
         **({"tail_ids": (e + (s, p, layout.tail_samples), e1 + (u, p, layout.tail_samples), layout.id_dtype),
@@ -176,7 +213,8 @@ def create(path: str, layouts: dict[str, CacheLayout], attrs: dict[str, Any]) ->
                 continue
             try:
                 grp.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-                                 filters=_filters(name, len(shape)), compressors=_compressors(name, dtype))
+                                 filters=_filters(name, len(shape)),
+                                 compressors=_compressors(name, dtype, math.prod(chunks[:-1])))
             except zarr.errors.ContainsArrayError:
                 pass  # an independent job created it a moment ago
     root.attrs.update({**attrs, SCHEMA_KEY: SCHEMA, "epochs": layouts["train"].epochs})
@@ -232,6 +270,11 @@ def _check_schema(root: zarr.Group, path: str) -> None:
             f"{path} is a teacher cache of schema distill-cache/1, which stored float16 raw logits: for a confident "
             f"teacher their leftover mass is lost, so this version reads only {SCHEMA}. Rebuild it: move or delete "
             f"{path} and run `make teacher-cache` (`distill teacher-cache --manifest M`)")
+    if found == "distill-cache/2":
+        raise CacheError(
+            f"{path} is a teacher cache of schema distill-cache/2 (log-probabilities of all K ranks, the log leftover, "
+            f"48-byte view records), which this version does not read: it reads only {SCHEMA}. Rebuild it: move or "
+            f"delete {path} and run `make teacher-cache` (`distill teacher-cache --manifest M`)")
     if found != SCHEMA:
         raise CacheError(f"{path} is not a teacher cache of schema {SCHEMA} (found {found!r}): point cache.path at "
                          f"a cache made by `make teacher-cache`")
@@ -239,7 +282,7 @@ def _check_schema(root: zarr.Group, path: str) -> None:
 
 def layout_of(root: zarr.Group, split: str) -> CacheLayout:
     grp = root[split]
-    logits = grp["topk_logprobs"]
+    logits = grp["topk_ids"]
     has_epochs = split == "train"
     shape = logits.shape[1:] if has_epochs else logits.shape
     return CacheLayout(
@@ -272,11 +315,10 @@ def write_unit(root: zarr.Group, split: str, epoch: int | None, group: int, data
     grp = root[split]
     layout = layout_of(root, split)
     region = unit_region(layout, epoch, group)
+    data = _stored(data, grp)
     try:
         for name, values in data.items():
             arr = grp[name].with_config({"write_empty_chunks": True})
-            if name in CODECS:
-                values = CODECS[name][0](values)
             if name == "labels":
                 if epoch in (None, 0):
                     arr[region[-1]] = values
@@ -360,11 +402,17 @@ class SlabReader:
              fields: tuple[str, ...] = SLAB_FIELDS + TAIL_FIELDS) -> dict[str, np.ndarray]:
         """One shard's slab: `read_slab(root, split, epoch, shard, fields)`; fields the split lacks are left out."""
         group = shard // self.layout.shards_per_unit
-        fields = tuple(name for name in fields if name in self.arrays)
-        unit = self._load(epoch, group, fields)
+        fields = tuple(name for name in fields if name in self.arrays or name in STORED_AS)
+        stored = [array for name in fields for array in STORED_AS.get(name, (name,)) if array in self.arrays]
+        unit = self._load(epoch, group, tuple(dict.fromkeys(stored)))
         row = shard - self.layout.group_shards(group).start
-        return {name: CODECS[name][1](unit[name][row]) if name in CODECS else unit[name][row].copy()
-                for name in fields}
+        out = {name: CODECS[name][1](unit[name][row]) if name in CODECS else unit[name][row].copy()
+               for name in fields if name not in STORED_AS}
+        if any(name in STORED_AS for name in fields):
+            ratios = unit["topk_logratios"][row] if "topk_logratios" in unit else np.zeros((self.layout.positions, 0), np.float16)
+            topk, log_m = decode_answers(ratios, unit["leftover_logit"][row])
+            out |= {name: value for name, value in (("topk_logprobs", topk), ("log_leftover", log_m)) if name in fields}
+        return {name: out[name] for name in fields}
 
     def _load(self, epoch: int | None, group: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
         """The unit's chunks of `fields` ([shards of the unit, P, ...] each), checked first."""

@@ -138,11 +138,11 @@ def write_pngs(view: InspectedView, out_dir: str | Path) -> list[Path]:
 CROP, ERASE, CUTMIX, OWN, PARTNER, REST = "#ffd400", "#ff2d2d", "#00e5ff", "#2ca02c", "#ff7f0e", "#9a9a9a"
 
 
-def _box(ax, box: list[float], width: int, height: int, color: str, style: str = "-", label: str | None = None):
-    """Outline a [x0, y0, x1, y1] box given as fractions of an image of width x height pixels (pixel edges
-    sit at -0.5 in imshow's coordinates)."""
-    x0, y0, x1, y1 = box
-    ax.add_patch(Rectangle((x0 * width - 0.5, y0 * height - 0.5), (x1 - x0) * width, (y1 - y0) * height,
+def _box(ax, box: list[int], scale: float, color: str, style: str = "-", label: str | None = None):
+    """Outline a [x0, y0, x1, y1] pixel box drawn `scale` times enlarged (a box of the teacher's view on a view
+    of another size; pixel edges sit at -0.5 in imshow's coordinates)."""
+    x0, y0, x1, y1 = (v * scale for v in box)
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0,
                            fill=False, edgecolor=color, linewidth=2, linestyle=style, label=label))
 
 
@@ -155,14 +155,15 @@ def _image(ax, pixels: np.ndarray, title: str) -> None:
 
 def _view_panel(ax, pixels: np.ndarray, who: str, params: dict, partner_params: dict | None) -> None:
     size = pixels.shape[0]
+    scale = size / params["grid"]  # erasing and cutmix boxes are in pixels of the teacher's view
     _image(ax, pixels, f"{who} view, {size}x{size} px (enlarged, no smoothing)")
     if params["erase"]:
-        _box(ax, params["erase"]["box"], size, size, ERASE, "--", "erasing box")
+        _box(ax, params["erase"]["box"], scale, ERASE, "--", "erasing box")
     if partner_params and partner_params["erase"]:
-        _box(ax, partner_params["erase"]["box"], size, size, PARTNER, "--", "the partner's erasing box")
+        _box(ax, partner_params["erase"]["box"], scale, PARTNER, "--", "the partner's erasing box")
     mix = params["mix"]
     if mix and mix["mode"] == "cutmix":
-        _box(ax, mix["box"], size, size, CUTMIX, ":", "cutmix box (partner's pixels)")
+        _box(ax, mix["box"], scale, CUTMIX, ":", "cutmix box (partner's pixels)")
     if ax.patches:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), fontsize=7, frameon=False)
 
@@ -177,7 +178,7 @@ def _parameter_text(view: InspectedView) -> str:
     lines += [f"  {op['op']}  magnitude {op['magnitude']:.3g}{'  (negated)' if op['sign'] < 0 else ''}"
               for op in p["randaugment"]]
     erase = p["erase"]
-    lines.append(f"erasing: box {_fmt(erase['box'])} of the view, noise seed {erase['seed']}" if erase
+    lines.append(f"erasing: box {_fmt(erase['box'])} of the {p['grid']} px teacher view, noise seed {erase['seed']}" if erase
                  else "erasing: no")
     mix = p["mix"]
     if mix:
@@ -231,12 +232,12 @@ def figure(view: InspectedView, cache_name: str) -> Figure:
     h, w = view.source.shape[:2]
     ax = fig.add_subplot(grid[0, 0])
     _image(ax, view.source, f"source {view.key!r} ({w}x{h} px) and its crop box")
-    _box(ax, view.params["crop"]["box"], w, h, CROP)
+    _box(ax, view.params["crop"]["box"], 1.0, CROP)
     ax = fig.add_subplot(grid[0, 1])
     if view.partner_source is not None:
         ph, pw = view.partner_source.shape[:2]
         _image(ax, view.partner_source, f"mix partner {view.partner_key!r} and its crop box")
-        _box(ax, view.partner_params["crop"]["box"], pw, ph, CROP)
+        _box(ax, view.partner_params["crop"]["box"], 1.0, CROP)
     else:
         ax.axis("off")
         ax.text(0.5, 0.5, "no mix partner\n(this view is not mixed)", ha="center", va="center", fontsize=10)

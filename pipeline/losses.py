@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data.mixup import one_hot
 from timm.loss import SoftTargetCrossEntropy
 
-from pipeline.cache import LEFTOVER_NONE, LEFTOVER_SCALE
+from pipeline.cache import decode_answers, encode_answers
 
 soft_target_cross_entropy = SoftTargetCrossEntropy()
 
@@ -86,13 +87,15 @@ def sparse_teacher_log_probs(
     return out.clamp_min(torch.finfo(torch.float32).min)
 
 
-def sparse_teacher_answers(logits: torch.Tensor, top_k: int,
-                           tail_uniforms: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """What the cache stores and hands back for full teacher logits [B, C], computed on their device: the top-K
-    log-probabilities (float16, descending), their ids, and the log of the mass outside the top-K on the stored
-    grid (`cache.LEFTOVER_SCALE`; -inf for none). The leftover is a logsumexp over the other classes, never
-    `1 - sum(top-K)`, so a confident teacher's tiny leftover keeps its relative precision. Stage 1 writes
-    these; an online teacher truncated to K uses them too, so both give the student the very same targets.
+def sparse_teacher_answers(logits: torch.Tensor, top_k: int, tail_uniforms: torch.Tensor | None = None,
+                           stored: bool = False) -> dict[str, torch.Tensor]:
+    """What the cache stores and hands back for full teacher logits [B, C]: the top-K log-probabilities (float32,
+    descending), their ids, and the log of the mass outside the top-K (-inf for none), snapped to the stored
+    form (`cache.encode_answers` then `cache.decode_answers`, on the CPU). The leftover is a logsumexp over the
+    other classes, never `1 - sum(top-K)`, so a confident teacher's tiny leftover keeps its relative precision.
+    Stage 1 writes these; an online teacher truncated to K uses them too, so both give the student the very
+    same targets. With `stored`, also the stored form itself, on the CPU (`topk_logratios` float16 [B, K-1],
+    `leftover_logit` int32 [B]): what stage 1 writes, so the cache holds exactly what was computed.
 
     With `tail_uniforms` [B, T] (numbers in [0, 1)), also T classes drawn with replacement from the tail, the
     teacher's distribution outside the top-K (`tail_ids`, by inverse CDF, so the draws are the uniforms'
@@ -102,10 +105,12 @@ def sparse_teacher_answers(logits: torch.Tensor, top_k: int,
     lse = torch.logsumexp(logits, dim=1)
     top_v, top_i = logits.topk(top_k, dim=1)
     rest = logits.scatter(1, top_i, float("-inf"))
-    code = torch.round(-(torch.logsumexp(rest, dim=1) - lse) * LEFTOVER_SCALE).clamp_min(0)
-    none = ~torch.isfinite(code) | (code >= LEFTOVER_NONE)
-    log_leftover = torch.where(none, torch.full_like(code, float("-inf")), -code / LEFTOVER_SCALE)
-    out = {"topk_logprobs": (top_v - lse.unsqueeze(1)).half(), "topk_ids": top_i, "log_leftover": log_leftover}
+    ratios, logit = encode_answers((top_v - lse.unsqueeze(1)).cpu().numpy(),
+                                   (torch.logsumexp(rest, dim=1) - lse).cpu().numpy())
+    topk_logprobs, log_leftover = (torch.from_numpy(v).to(logits.device) for v in decode_answers(ratios, logit))
+    out = {"topk_logprobs": topk_logprobs, "topk_ids": top_i, "log_leftover": log_leftover}
+    if stored:
+        out |= {"topk_logratios": torch.from_numpy(ratios), "leftover_logit": torch.from_numpy(logit.astype(np.int32))}
     if tail_uniforms is not None:
         tail = torch.softmax(rest.double(), dim=1)  # zero on the top-K
         cdf = tail.cumsum(dim=1)

@@ -1,6 +1,6 @@
 """`distill plan`: what a manifest will cost before anything is computed.
 
-Views to cache (train: epochs x samples, val: samples), bytes on disk at the v2 layout per array and in all,
+Views to cache (train: epochs x samples, val: samples), bytes on disk at the v3 layout per array and in all,
 the teacher's forwards and teacher-hours, and the student's epochs per cached epoch.
 
 Bytes come from measured per-field costs: one unit of the manifest's layout (its K, classes, tail draws,
@@ -103,12 +103,13 @@ def measured_bytes_per_view(layout: cache.CacheLayout, recipe, size: int) -> dic
     z = rng.normal(0.0, 1.5, (n, layout.num_classes))
     z[np.arange(n), rng.integers(layout.num_classes, size=n)] += 4 + rng.gamma(2.0, 2.5, n)
     tail = torch.from_numpy(rng.random((n, layout.tail_samples))) if layout.tail_samples else None
-    answers = sparse_teacher_answers(torch.from_numpy(z).float(), layout.top_k, tail)
-    data = {name: value.numpy().reshape((shards, positions) + value.shape[1:]) for name, value in answers.items()}
+    answers = sparse_teacher_answers(torch.from_numpy(z).float(), layout.top_k, tail, stored=True)
+    data = {name: value.numpy().reshape((shards, positions) + value.shape[1:]) for name, value in answers.items()
+            if name not in cache.STORED_AS}  # the answers in their stored form, as stage 1 writes them
     for name in ("topk_ids", "tail_ids"):
         if name in data:
             data[name] = data[name].astype(layout.id_dtype)
-    data["digest"] = rng.integers(1, 2**32, size=(shards, positions)).astype(np.uint32)
+    data["digest"] = rng.integers(1, 2**24, size=(shards, positions)).astype(np.uint32)
     data["labels"] = rng.integers(layout.num_classes, size=(shards, positions)).astype(np.int32)
     if layout.epochs is not None:
         data["view"] = np.stack([[views.sample_params(recipe, 0, s, p, positions, (500, 375), size=size) for p in range(positions)]
@@ -121,7 +122,7 @@ def measured_bytes_per_view(layout: cache.CacheLayout, recipe, size: int) -> dic
             layouts["train"] = replace(unit, shards=1, positions=1, epochs=1, n_params=views.N_PARAMS)
         root = cache.create(str(work), layouts, {"classes": [str(c) for c in range(layout.num_classes)]})
         cache.write_unit(root, split, None if layout.epochs is None else 0, 0, data)
-        return {name: _chunk_bytes(work / split / name) / n for name in data}
+        return {name: _chunk_bytes(work / split / name) / n for name in data if name in root[split]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -184,7 +185,7 @@ def format_plan(m: Manifest, plan: Plan) -> str:
     lines = [f"plan for {m.cache.path} (schema {cache.SCHEMA}, K={m.cache.top_k}, "
              f"tail samples {m.cache.tail_samples}, {m.cache.shards_per_unit} shard(s) per unit)",
              f"  views to cache: {plan.train_views:,} train ({plan.cache_epochs} epoch(s)), {plan.val_views:,} val",
-             "  bytes on disk at the v2 layout:"]
+             "  bytes on disk at the v3 layout:"]
     width = max(len(name) for name in plan.bytes_by_array)
     for name, nbytes in plan.bytes_by_array.items():
         lines.append(f"    {name.ljust(width)}  {_human(nbytes):>10}")

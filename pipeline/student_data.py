@@ -492,10 +492,11 @@ def _down(view: np.ndarray, size: int) -> np.ndarray:
 def _erased(params: np.ndarray, size: int) -> np.ndarray:
     """[size, size] bool: the view's erasing box (its noise is drawn per resolution)."""
     mask = np.zeros((size, size), bool)
-    info = views.describe(params)["erase"]
-    if info is not None:
+    described = views.describe(params)
+    info, grid = described["erase"], described["grid"]
+    if info is not None:  # the box is in pixels of the teacher's grid x grid view
         x0, y0, x1, y1 = info["box"]
-        mask[int(y0 * size):math.ceil(y1 * size), int(x0 * size):math.ceil(x1 * size)] = True
+        mask[y0 * size // grid:math.ceil(y1 * size / grid), x0 * size // grid:math.ceil(x1 * size / grid)] = True
     return mask
 
 

@@ -232,8 +232,8 @@ class UnitBuffers:
         layout = self.layouts[unit.split]
         shards = layout.group_shards(unit.group)
         u, p, k = len(shards), layout.positions, layout.top_k
-        buf = {"topk_logprobs": np.zeros((u, p, k), np.float16), "topk_ids": np.zeros((u, p, k), layout.id_dtype),
-               "log_leftover": np.zeros((u, p), np.float32), "digest": np.zeros((u, p), np.uint32),
+        buf = {"topk_logratios": np.zeros((u, p, k - 1), np.float16), "topk_ids": np.zeros((u, p, k), layout.id_dtype),
+               "leftover_logit": np.zeros((u, p), np.uint16), "digest": np.zeros((u, p), np.uint32),
                "labels": np.full((u, p), -1, np.int32)}
         if unit.split == "train":
             buf["view"] = np.zeros((u, p, layout.n_params), np.float32)
@@ -255,9 +255,9 @@ class UnitBuffers:
         cols = slice(item["start"], item["start"] + n)
         valid = item["valid"].numpy()
         keep = valid[:, None]
-        buf["topk_logprobs"][row, cols] = np.where(keep, answers["topk_logprobs"].numpy(), 0)
+        buf["topk_logratios"][row, cols] = np.where(keep, answers["topk_logratios"].numpy(), 0)  # the stored form
         buf["topk_ids"][row, cols] = np.where(keep, answers["topk_ids"].numpy(), 0)
-        buf["log_leftover"][row, cols] = np.where(valid, answers["log_leftover"].numpy(), 0)
+        buf["leftover_logit"][row, cols] = np.where(valid, answers["leftover_logit"].numpy(), 0)
         buf["digest"][row, cols] = item["digests"].numpy()
         buf["labels"][row, cols] = item["labels"].numpy()
         if "view" in buf:
@@ -354,7 +354,7 @@ def teacher_answers(teacher: Teacher, item: dict, device: torch.device, top_k: i
     one leftover per view cross to the host), after checking the valid views' logits are finite."""
     logits = forward(teacher, item["views"], device)
     uniforms = item.get("tail_uniforms")
-    answers = sparse_teacher_answers(logits, top_k, None if uniforms is None else uniforms.to(device))
+    answers = sparse_teacher_answers(logits, top_k, None if uniforms is None else uniforms.to(device), stored=True)
     finite = torch.isfinite(logits).all(dim=1).cpu()
     if not finite[item["valid"]].all():
         stop = item["start"] + len(finite)

@@ -3,10 +3,12 @@
 A view of (cache epoch e, shard s, position p) is drawn by `sample_params` from generators seeded by
 (seed, e, s, p) alone, one generator per part (crop, flip, RandAugment, erasing, mix), so switching a part
 off leaves the others' draws unchanged. The draws are written into a float32 vector (`PARAM_FIELDS`) and
-snapped to the grid the cache stores them on (`PARAM_ENCODING`: coordinates as uint16 steps of 1/65535 of the
-normalised range, codes and flags as one byte, magnitudes in steps of 2**-12, seeds and positions in three
-bytes), so `decode_params(encode_params(v)) == v` bit for bit and the teacher renders from the very values the
-student later decodes. `render_unmixed`, `mix` and `render` (the two composed) read only that vector (and the
+snapped to the grid the cache stores them on (`PARAM_ENCODING`: the crop box in whole pixels of the source, the
+erasing and cutmix boxes in whole pixels of the teacher's view (`grid`), codes and flags as one byte, RandAugment
+magnitudes in steps of 1/16 of a level, the mix partner's position in three bytes), so `decode_params(encode_params(v))
+== v` bit for bit and the teacher renders from the very values the student later decodes. Two fields are not stored
+but follow from the others (`DERIVED_FIELDS`): the cutmix lambda is the box's pixel share, and the erasing noise
+seed is the crc32 of the view's stored record. `render_unmixed`, `mix` and `render` (the two composed) read only that vector (and the
 recipe constants in the config) and draw no random numbers: the erasing noise comes from a numpy `RandomState`
 seeded by the stored `erase_seed`, whose stream numpy keeps frozen across versions. So a view rendered from
 the decoded cache entry is the view the teacher saw, at any output resolution.
@@ -14,7 +16,10 @@ the decoded cache entry is the view the teacher saw, at any output resolution.
 The pixel operations are torchvision's (`resized_crop`, `hflip`) and timm's RandAugment ops
 (`timm.data.auto_augment.NAME_TO_OP`) called with explicit arguments; the order and the sampling follow
 DeiT's timm pipeline: RandomResizedCrop, flip, RandAugment, random erasing, then mixup/cutmix with a partner
-drawn inside a window of the same shard whose alignment changes with the epoch (`mix_window`).
+drawn inside a window of the same shard whose alignment changes with the epoch (`mix_window`). Where timm draws
+in pixels, so does the sampler: the crop box in the source (torchvision's RandomResizedCrop), the erasing box and
+the cutmix box in the teacher's view (timm's RandomErasing and rand_bbox); a view rendered at another size scales
+those boxes to it.
 
 Mix partners. The positions of shard s in cache epoch e are cut into windows of `views.mix.window` (W)
 consecutive positions starting at an offset drawn from (seed, e, s) alone; a view's partner is drawn uniformly
@@ -25,8 +30,8 @@ alignment would tie it to the same W - 1 forever. Shards are shuffled when writt
 neighbours are random images of the shard; `shards.class_order_warning` flags shards written in class order.
 
 Cutmix lambda is the pixel-area fraction of the box at the teacher's resolution, as timm's
-`cutmix_bbox_and_lam` computes it: the box is drawn in pixels at that size (timm's `rand_bbox`) and stored
-normalised, so the teacher's render replays that exact pixel box.
+`cutmix_bbox_and_lam` computes it: the box is stored as timm's draw (centre and side in pixels at that size), so
+the teacher's render replays that exact pixel box and the lambda follows from it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import functools
 import hashlib
 import math
 import re
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +53,14 @@ from torchvision.transforms import InterpolationMode
 from pipeline.manifest import ManifestError, ViewsCfg, to_dict
 
 # views/2: epoch-dependent mix windows, cutmix box drawn in teacher pixels (timm's lambda correction)
-RECIPE_VERSION = "views/2"
+# views/3: boxes stored in whole pixels (crop: source; erasing, cutmix: the teacher's view), erasing drawn in
+# pixels as timm's RandomErasing does, the noise seed and the cutmix lambda derived instead of stored
+RECIPE_VERSION = "views/3"
 
 MAX_RA_OPS = 4  # RandAugment slots in the parameter vector; a spec asking for more ops is refused
-COORD_STEP = 1.0 / 65535  # normalised coordinates are stored as uint16 multiples of this
-MAX_SIDE = 2**15  # source sides up to this many pixels replay their integer crop box exactly
+MAX_SIDE = 65535  # pixel coordinates (source and view sides) are stored as uint16
 MAX_INT = 2**24  # integers (positions, seeds) stay exact in float32 below this
+LAM_STEP = 1.0 / 1023  # the mixup lambda is stored as a multiple of this (10 bits)
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # stored as an index; "random" in the config picks one per view
 MIX_MODES = ("none", "mixup", "cutmix")
@@ -98,26 +106,39 @@ PARAM_FIELDS: tuple[str, ...] = (
     ("crop_x0", "crop_y0", "crop_x1", "crop_y1", "interp", "flip")
     + tuple(f"ra{i}_{k}" for i in range(MAX_RA_OPS) for k in ("op", "mag", "sign"))
     + ("erase", "erase_x0", "erase_y0", "erase_x1", "erase_y1", "erase_seed")
-    + ("mix_mode", "mix_partner", "mix_lam", "mix_x0", "mix_y0", "mix_x1", "mix_y1")
+    + ("mix_mode", "mix_partner", "mix_lam", "mix_cx", "mix_cy", "mix_cut", "grid")
 )
 N_PARAMS = len(PARAM_FIELDS)
+_FIELD = {name: i for i, name in enumerate(PARAM_FIELDS)}
 
 # How each field is stored in the cache: (bytes, scale, offset), value = (unsigned little-endian int + offset) * scale.
-# Coordinates and lambdas: uint16 of [0, 1]. Codes, flags and signs: one byte (offset -1 lets -1 mean "no op").
-# RandAugment magnitudes: one byte, steps of 1/16 of a level in [0, 16) (timm's level scale is 0-10; a step is an
-# eighth of DeiT's magnitude std 0.5, a rotation of 0.19 degrees; Posterize and Solarize floor the level to a few
-# integer arguments anyway). Seeds and positions: three bytes (both stay below 2**24 = MAX_INT).
-_COORD = (2, COORD_STEP, 0)
+# Pixel coordinates (crop: of the source; erasing box, cutmix centre and side: of the teacher's view, `grid` px a
+# side): uint16. Codes, flags and signs: one byte (offset -1 lets -1 mean "no op"). RandAugment magnitudes: one
+# byte, steps of 1/16 of a level in [0, 16) (timm's level scale is 0-10; a step is an eighth of DeiT's magnitude
+# std 0.5, a rotation of 0.19 degrees; Posterize and Solarize floor the level to a few integer arguments anyway).
+# The mix partner's position: three bytes (below 2**24 = MAX_INT). The mixup lambda: two bytes, steps of 1/1023
+# (a step moves a blended uint8 pixel by at most a quarter of a level, the label weight by 0.1%: finer steps
+# would not change what the renderer writes). Zero bytes: the derived fields below.
+_PX = (2, 1.0, 0)
 _CODE = (1, 1.0, 0)
 PARAM_ENCODING: dict[str, tuple[int, float, int]] = {
-    **{f"{box}_{c}": _COORD for box in ("crop", "erase", "mix") for c in ("x0", "y0", "x1", "y1")},
+    **{f"{box}_{c}": _PX for box in ("crop", "erase") for c in ("x0", "y0", "x1", "y1")},
+    "mix_cx": _PX, "mix_cy": _PX, "mix_cut": _PX, "grid": _PX,
     "interp": _CODE, "flip": _CODE, "erase": _CODE, "mix_mode": _CODE,
     **{f"ra{i}_op": (1, 1.0, -1) for i in range(MAX_RA_OPS)},
     **{f"ra{i}_sign": (1, 1.0, -1) for i in range(MAX_RA_OPS)},
     **{f"ra{i}_mag": (1, 1.0 / 16, 0) for i in range(MAX_RA_OPS)},
-    "erase_seed": (3, 1.0, 0), "mix_partner": (3, 1.0, 0), "mix_lam": _COORD,
+    "erase_seed": (0, 1.0, 0), "mix_partner": (3, 1.0, 0), "mix_lam": (2, LAM_STEP, 0),
 }
+# Fields that follow from the stored bytes instead of taking any (`decode_params` fills them in):
+# erase_seed = crc32 of the view's stored record less the lambda's bytes, low 24 bits (0 when the view is not
+# erased): the noise needs a seed no other view shares, not a particular one; mix_lam of a cutmix = 1 - box
+# pixels / grid**2 (timm's correction) and of an unmixed view 1.0, so only a mixup's lambda is stored.
+DERIVED_FIELDS = ("erase_seed", "mix_lam")
 PARAM_BYTES = sum(PARAM_ENCODING[f][0] for f in PARAM_FIELDS)  # bytes of one stored view record
+_PIXEL_FIELDS = tuple(name for name in PARAM_FIELDS if PARAM_ENCODING[name] == _PX)
+_LAM_AT = sum(PARAM_ENCODING[f][0] for f in PARAM_FIELDS[:PARAM_FIELDS.index("mix_lam")])
+_LAM_BYTES = list(range(_LAM_AT, _LAM_AT + PARAM_ENCODING["mix_lam"][0]))
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -203,7 +224,8 @@ def recipe(cfg: ViewsCfg) -> dict:
         "version": RECIPE_VERSION,
         "config": config,
         "param_fields": list(PARAM_FIELDS),
-        "coord_step": COORD_STEP,
+        "derived_fields": {"erase_seed": "crc32(record without the mix_lam bytes) & 0xFFFFFF when erased, else 0",
+                           "mix_lam": "cutmix: 1 - box pixels / grid**2; none: 1.0; mixup: stored"},
         "param_encoding": {name: list(PARAM_ENCODING[name]) for name in PARAM_FIELDS},
         "interpolations": list(INTERPOLATIONS),
         "ra_op_names": list(RA_OP_NAMES),
@@ -214,7 +236,9 @@ def recipe(cfg: ViewsCfg) -> dict:
         "mixup_rounding": "rint(lam * a + (1 - lam) * b) in float32",
         "mix_windows": "window offset = default_rng([seed, epoch, shard, 5]).integers(window); partner uniform "
                        "over the other positions of the window",
-        "cutmix_box": "timm rand_bbox at the teacher's size, lam = 1 - box pixels / size**2 (cutmix_bbox_and_lam)",
+        "cutmix_box": "timm rand_bbox at the teacher's size (grid), stored as its centre (mix_cx, mix_cy) and side "
+                      "(mix_cut); lam = 1 - box pixels / grid**2 (cutmix_bbox_and_lam)",
+        "erasing_box": "timm RandomErasing's draw in pixels of the teacher's view (grid)",
     }
     if cfg.randaugment.enabled:
         ra = parse_randaugment(cfg.randaugment.spec)
@@ -230,14 +254,9 @@ def recipe(cfg: ViewsCfg) -> dict:
 # --------------------------------------------------------------------------------------------- sampling
 
 
-def _quantise(frac: float) -> float:
-    """A normalised coordinate as the nearest stored step (a multiple of 1/65535) in [0, 1]."""
-    return float(np.float32(min(65535, max(0, round(frac * 65535))) / 65535))
-
-
 def _sample_crop(rng: np.random.Generator, cfg: ViewsCfg, width: int, height: int) -> dict:
-    """torchvision's RandomResizedCrop.get_params (10 attempts, then the centre-crop fallback), stored as a
-    box normalised to the source image."""
+    """torchvision's RandomResizedCrop.get_params (10 attempts, then the centre-crop fallback), stored as the
+    box in pixels of the source image."""
     interp = cfg.crop.interpolation
     interp_code = int(rng.integers(len(INTERPOLATIONS))) if interp == "random" else INTERPOLATIONS.index(interp)
     left, top, w, h = 0, 0, width, height
@@ -263,9 +282,7 @@ def _sample_crop(rng: np.random.Generator, cfg: ViewsCfg, width: int, height: in
             else:
                 w, h = width, height
             top, left = (height - h) // 2, (width - w) // 2
-    return {"crop_x0": _quantise(left / width), "crop_y0": _quantise(top / height),
-            "crop_x1": _quantise((left + w) / width), "crop_y1": _quantise((top + h) / height),
-            "interp": interp_code}
+    return {"crop_x0": left, "crop_y0": top, "crop_x1": left + w, "crop_y1": top + h, "interp": interp_code}
 
 
 def _sample_randaugment(rng: np.random.Generator, cfg: ViewsCfg) -> dict:
@@ -294,21 +311,20 @@ def _sample_randaugment(rng: np.random.Generator, cfg: ViewsCfg) -> dict:
     return out
 
 
-def _sample_erase(rng: np.random.Generator, cfg: ViewsCfg) -> dict:
-    """timm RandomErasing's box rule (area 0.02-1/3 of the view, log aspect 0.3-1/0.3, 10 attempts, no
-    erase when all fail), in fractions of the view, plus the seed of the noise."""
-    out = {"erase": 0, "erase_x0": 0.0, "erase_y0": 0.0, "erase_x1": 0.0, "erase_y1": 0.0, "erase_seed": 0}
+def _sample_erase(rng: np.random.Generator, cfg: ViewsCfg, size: int) -> dict:
+    """timm RandomErasing's draw on a size x size view (area 0.02-1/3 of it, log aspect 0.3-1/0.3, whole pixels,
+    10 attempts, no erase when all fail). The noise seed is derived from the stored record (`DERIVED_FIELDS`)."""
+    out = {"erase": 0, "erase_x0": 0, "erase_y0": 0, "erase_x1": 0, "erase_y1": 0, "erase_seed": 0}
     if not cfg.erasing.enabled or rng.random() > cfg.erasing.prob:
         return out
     for _ in range(ERASE_ATTEMPTS):
-        area = rng.uniform(*ERASE_AREA)
+        target_area = rng.uniform(*ERASE_AREA) * size * size
         aspect = math.exp(rng.uniform(*ERASE_LOG_ASPECT))
-        h, w = math.sqrt(area * aspect), math.sqrt(area / aspect)
-        if w < 1 and h < 1:
-            top, left = rng.uniform(0, 1 - h), rng.uniform(0, 1 - w)
-            return {"erase": 1, "erase_x0": _quantise(left), "erase_y0": _quantise(top),
-                    "erase_x1": _quantise(left + w), "erase_y1": _quantise(top + h),
-                    "erase_seed": int(rng.integers(MAX_INT))}
+        h, w = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if w < size and h < size:
+            top, left = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+            return {"erase": 1, "erase_x0": left, "erase_y0": top, "erase_x1": left + w, "erase_y1": top + h,
+                    "erase_seed": 0}
     return out
 
 
@@ -343,20 +359,30 @@ def mix_windows(cfg: ViewsCfg, epoch: int, shard: int, shard_len: int) -> list[t
     return out
 
 
+def cutmix_pixels(cut: int, cy: int, cx: int, size: int) -> tuple[int, int, int, int]:
+    """timm's `rand_bbox` box (yl, yh, xl, xh) on a size x size image, from its side and centre."""
+    yl, yh = min(max(cy - cut // 2, 0), size), min(max(cy + (cut + 1) // 2, 0), size)
+    xl, xh = min(max(cx - cut // 2, 0), size), min(max(cx + (cut + 1) // 2, 0), size)
+    return yl, yh, xl, xh
+
+
+def _box_lam(box: tuple[int, int, int, int], size: int) -> float:
+    yl, yh, xl, xh = box
+    return 1.0 - (yh - yl) * (xh - xl) / float(size * size)
+
+
 def cutmix_box(lam: float, cy: int, cx: int, size: int) -> tuple[tuple[int, int, int, int], float]:
     """timm's `rand_bbox` + `cutmix_bbox_and_lam` (correct_lam=True) on a size x size image, given the box
     centre it would draw: ((yl, yh, xl, xh) in pixels, lam = 1 - box area / image area)."""
-    cut = int(size * math.sqrt(1.0 - lam))
-    yl, yh = min(max(cy - cut // 2, 0), size), min(max(cy + (cut + 1) // 2, 0), size)
-    xl, xh = min(max(cx - cut // 2, 0), size), min(max(cx + (cut + 1) // 2, 0), size)
-    return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(size * size)
+    box = cutmix_pixels(int(size * math.sqrt(1.0 - lam)), cy, cx, size)
+    return box, _box_lam(box, size)
 
 
 def _sample_mix(rng: np.random.Generator, cfg: ViewsCfg, window: tuple[int, int], pos: int, size: int) -> dict:
     """timm Mixup per element: mix with prob `prob`, cutmix vs mixup by `switch_prob`, lam ~ Beta(alpha,
     alpha); cutmix draws timm's box in pixels at the teacher's `size` and corrects lam to its pixel area. The
     partner is drawn uniformly from the other positions of p's mix `window`; a window of one does not mix."""
-    out = {"mix_mode": 0, "mix_partner": pos, "mix_lam": 1.0, "mix_x0": 0.0, "mix_y0": 0.0, "mix_x1": 0.0, "mix_y1": 0.0}
+    out = {"mix_mode": 0, "mix_partner": pos, "mix_lam": 1.0, "mix_cx": 0, "mix_cy": 0, "mix_cut": 0}
     mix = cfg.mix
     start, stop = window
     if not mix.enabled or stop - start < 2 or rng.random() >= mix.prob:
@@ -373,9 +399,9 @@ def _sample_mix(rng: np.random.Generator, cfg: ViewsCfg, window: tuple[int, int]
     out.update(mix_mode=MIX_MODES.index("cutmix" if cutmix else "mixup"), mix_partner=partner)
     if cutmix:
         cy, cx = int(rng.integers(size)), int(rng.integers(size))  # timm: randint(0, H), randint(0, W)
-        (yl, yh, xl, xh), lam = cutmix_box(lam, cy, cx, size)
-        out.update(mix_x0=_quantise(xl / size), mix_y0=_quantise(yl / size),
-                   mix_x1=_quantise(xh / size), mix_y1=_quantise(yh / size))
+        cut = int(size * math.sqrt(1.0 - lam))
+        out.update(mix_cx=cx, mix_cy=cy, mix_cut=cut)
+        lam = _box_lam(cutmix_pixels(cut, cy, cx, size), size)
     out["mix_lam"] = float(np.float32(lam))
     return out
 
@@ -397,7 +423,7 @@ def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: in
     width, height = src_size
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise ValueError(f"{where}: source size {width}x{height} is outside 1..{MAX_SIDE} px a side; crop boxes "
-                         f"are stored in steps of 1/65535 and replay exactly only up to {MAX_SIDE} px: downscale the image")
+                         f"are stored as uint16 pixels: downscale the image")
 
     def rng(part: int) -> np.random.Generator:
         return np.random.default_rng([cfg.seed, epoch, shard, pos, part])
@@ -405,8 +431,9 @@ def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: in
     values = {"flip": int(cfg.flip.enabled and rng(_PART_FLIP).random() < cfg.flip.prob)}
     values.update(_sample_crop(rng(_PART_CROP), cfg, width, height))
     values.update(_sample_randaugment(rng(_PART_RA), cfg))
-    values.update(_sample_erase(rng(_PART_ERASE), cfg))
+    values.update(_sample_erase(rng(_PART_ERASE), cfg, size))
     values.update(_sample_mix(rng(_PART_MIX), cfg, mix_window(cfg, epoch, shard, pos, shard_len), pos, size))
+    values["grid"] = size
     return quantise_params(np.array([values[f] for f in PARAM_FIELDS], dtype=np.float32))
 
 
@@ -415,20 +442,25 @@ def sample_params(cfg: ViewsCfg, epoch: int, shard: int, pos: int, shard_len: in
 
 def encode_params(params: np.ndarray, exact: bool = True) -> np.ndarray:
     """float32 parameter vectors [..., N_PARAMS] -> the cache's uint8 records [..., PARAM_BYTES] (`PARAM_ENCODING`,
-    fields in PARAM_FIELDS order, each little-endian). `exact` refuses a value that is not on its field's grid
-    (the sampler snaps every value, so a stored record always decodes to the vector the teacher rendered from)."""
+    fields in PARAM_FIELDS order, each little-endian; the `DERIVED_FIELDS` take no bytes). `exact` refuses a
+    vector that does not come back bit for bit from its record: a value off its field's grid, or a derived field
+    that is not what the others give (the sampler snaps every value, so a stored record always decodes to the
+    vector the teacher rendered from)."""
     params = np.asarray(params)
     if params.shape[-1:] != (N_PARAMS,):
         raise ValueError(f"view params must have {N_PARAMS} values on the last axis, got shape {params.shape}")
     out = np.empty(params.shape[:-1] + (PARAM_BYTES,), np.uint8)
+    mixup = params[..., _FIELD["mix_mode"]] == MIX_MODES.index("mixup")
     at = 0
     for i, name in enumerate(PARAM_FIELDS):
         width, scale, offset = PARAM_ENCODING[name]
+        if not width:
+            continue
         value = params[..., i].astype(np.float64)
+        if name == "mix_lam":  # only a mixup's lambda is stored
+            value = np.where(mixup, value, 0.0)
         code = np.rint(value / scale - offset)
         bad = ~((code >= 0) & (code < 256**width))
-        if exact:
-            bad |= np.float32((code + offset) * scale) != params[..., i].astype(np.float32)
         if bad.any():
             raise ValueError(f"view params field {name}={value[bad].flat[0]!r} is not storable: the cache holds "
                              f"{8 * width}-bit steps of {scale:g} (offset {offset}); quantise it with views.quantise_params")
@@ -436,16 +468,27 @@ def encode_params(params: np.ndarray, exact: bool = True) -> np.ndarray:
         for b in range(width):
             out[..., at + b] = (code >> (8 * b)) & 0xFF
         at += width
+    if exact:  # a position with no view holds the fill, all zeros (grid 0): nothing to check there
+        differ = (decode_params(out) != params.astype(np.float32)) & (params[..., _FIELD["grid"]] != 0)[..., None]
+        if differ.any():
+            i = int(np.flatnonzero(differ.reshape(-1, N_PARAMS).any(0))[0])
+            name, value = PARAM_FIELDS[i], params[..., i][differ[..., i]].flat[0]
+            width, scale, offset = PARAM_ENCODING[name]
+            rule = ("it follows from the other fields (DERIVED_FIELDS)" if name in DERIVED_FIELDS else
+                    f"the cache holds {8 * width}-bit steps of {scale:g} (offset {offset})")
+            raise ValueError(f"view params field {name}={float(value)!r} is not storable: {rule}; quantise it with "
+                             f"views.quantise_params")
     return out
 
 
 def decode_params(records: np.ndarray) -> np.ndarray:
-    """The cache's uint8 records [..., PARAM_BYTES] -> float32 parameter vectors [..., N_PARAMS]."""
+    """The cache's uint8 records [..., PARAM_BYTES] -> float32 parameter vectors [..., N_PARAMS], the
+    `DERIVED_FIELDS` filled in."""
     records = np.asarray(records)
     if records.dtype != np.uint8 or records.shape[-1:] != (PARAM_BYTES,):
         raise ValueError(f"stored view records must be uint8 with {PARAM_BYTES} bytes on the last axis, got "
                          f"shape {records.shape} dtype {records.dtype}: the cache was written by another recipe version")
-    out = np.empty(records.shape[:-1] + (N_PARAMS,), np.float32)
+    out = np.zeros(records.shape[:-1] + (N_PARAMS,), np.float32)
     at = 0
     for i, name in enumerate(PARAM_FIELDS):
         width, scale, offset = PARAM_ENCODING[name]
@@ -454,11 +497,30 @@ def decode_params(records: np.ndarray) -> np.ndarray:
             code |= records[..., at + b].astype(np.int64) << (8 * b)
         out[..., i] = (code + offset) * scale
         at += width
+    _derive(out, records)
     return out
 
 
+def _derive(out: np.ndarray, records: np.ndarray) -> None:
+    """Fill in the `DERIVED_FIELDS` of decoded vectors `out` from the other fields and the records."""
+    mode = out[..., _FIELD["mix_mode"]]
+    cut, cy, cx, grid = (out[..., _FIELD[f]].astype(np.int64) for f in ("mix_cut", "mix_cy", "mix_cx", "grid"))
+    yl, yh = np.clip(cy - cut // 2, 0, grid), np.clip(cy + (cut + 1) // 2, 0, grid)
+    xl, xh = np.clip(cx - cut // 2, 0, grid), np.clip(cx + (cut + 1) // 2, 0, grid)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        box_lam = 1.0 - ((yh - yl) * (xh - xl)) / (grid * grid).astype(np.float64)
+    lam = out[..., _FIELD["mix_lam"]]
+    lam[...] = np.where(mode == MIX_MODES.index("cutmix"), box_lam, np.where(mode == MIX_MODES.index("mixup"), lam, 1.0))
+    seed = out[..., _FIELD["erase_seed"]]
+    seed[...] = 0
+    erased = np.flatnonzero(out[..., _FIELD["erase"]].ravel() == 1)
+    if erased.size:  # the crc32 of the record without the lambda's bytes (which only a mixup uses)
+        rows = np.delete(np.ascontiguousarray(records).reshape(-1, PARAM_BYTES)[erased], _LAM_BYTES, axis=1)
+        seed.reshape(-1)[erased] = [zlib.crc32(row.tobytes()) & (MAX_INT - 1) for row in rows]
+
+
 def quantise_params(params: np.ndarray) -> np.ndarray:
-    """The vector with every field snapped to its stored grid (`PARAM_ENCODING`)."""
+    """The vector with every field snapped to its stored grid (`PARAM_ENCODING`) and the derived fields set."""
     return decode_params(encode_params(params, exact=False))
 
 
@@ -480,9 +542,13 @@ def _decode(params: np.ndarray) -> dict:
             raise ValueError(f"view params field {name}={value} is not a valid code (0..{n - 1}): the vector is "
                              f"corrupt or was written by another recipe version than {RECIPE_VERSION}")
         p[name] = int(value)
-    p["mix_partner"] = int(p["mix_partner"])
-    p["erase_seed"] = int(p["erase_seed"])
+    for name in _PIXEL_FIELDS + ("mix_partner", "erase_seed"):
+        p[name] = int(p[name])
+    if p["grid"] < 1:
+        raise ValueError(f"view params field grid={p['grid']} (the teacher's view size) must be at least 1: the vector "
+                         f"is corrupt or was written by another recipe version than {RECIPE_VERSION}")
     return p
+
 
 
 def _ra_ops(p: dict) -> list[tuple[str, float, int]]:
@@ -494,7 +560,7 @@ def describe(params: np.ndarray) -> dict:
     """The parameters in words, for reports."""
     p = _decode(params)
 
-    def box(prefix: str) -> list[float]:
+    def box(prefix: str) -> list[int]:
         return [p[f"{prefix}_x0"], p[f"{prefix}_y0"], p[f"{prefix}_x1"], p[f"{prefix}_y1"]]
 
     mode = MIX_MODES[p["mix_mode"]]
@@ -502,8 +568,10 @@ def describe(params: np.ndarray) -> dict:
     if mode != "none":
         mix = {"mode": mode, "partner": p["mix_partner"], "lam": p["mix_lam"]}
         if mode == "cutmix":
-            mix["box"] = box("mix")
-    return {
+            yl, yh, xl, xh = cutmix_pixels(p["mix_cut"], p["mix_cy"], p["mix_cx"], p["grid"])
+            mix["box"] = [xl, yl, xh, yh]
+    return {  # boxes as [x0, y0, x1, y1] pixels: the crop's of the source, the others' of the teacher's view
+        "grid": p["grid"],
         "crop": {"box": box("crop"), "interpolation": INTERPOLATIONS[p["interp"]]},
         "flip": bool(p["flip"]),
         "randaugment": [{"op": name, "magnitude": mag, "sign": sign} for name, mag, sign in _ra_ops(p)],
@@ -522,9 +590,9 @@ def mix_target(params: np.ndarray) -> tuple[int, float]:
 # --------------------------------------------------------------------------------------------- rendering
 
 
-def _px(frac: float, n: int) -> int:
-    """A stored normalised coordinate as a pixel boundary (round half up; exact for quantised values)."""
-    return int(math.floor(frac * n + 0.5))
+def grid_px(px: int, grid: int, n: int) -> int:
+    """A pixel boundary of the teacher's grid x grid view on an n x n view (round half up; itself when n = grid)."""
+    return (2 * px * n + grid) // (2 * grid)
 
 
 def _apply_ra_op(img: Image.Image, name: str, magnitude: float, sign: int, resample: int) -> Image.Image:
@@ -540,9 +608,9 @@ def _apply_ra_op(img: Image.Image, name: str, magnitude: float, sign: int, resam
 
 
 def _erase(view: np.ndarray, p: dict, mode: str) -> None:
-    size_h, size_w = view.shape[:2]
-    top, bottom = _px(p["erase_y0"], size_h), _px(p["erase_y1"], size_h)
-    left, right = _px(p["erase_x0"], size_w), _px(p["erase_x1"], size_w)
+    size_h, size_w, grid = *view.shape[:2], p["grid"]
+    top, bottom = grid_px(p["erase_y0"], grid, size_h), grid_px(p["erase_y1"], grid, size_h)
+    left, right = grid_px(p["erase_x0"], grid, size_w), grid_px(p["erase_x1"], grid, size_w)
     if mode == "const":  # timm's zeros in normalised space: the mean colour
         view[top:bottom, left:right] = IMG_MEAN_U8
         return
@@ -592,9 +660,8 @@ def render_unmixed(image: Image.Image, params: np.ndarray, size: int, cfg: Views
     `cfg` supplies the recipe constants that are not per view (the erasing mode)."""
     p = _decode(params)
     img = image if image.mode == "RGB" else image.convert("RGB")
-    width, height = img.size
-    left, top = _px(p["crop_x0"], width), _px(p["crop_y0"], height)
-    crop_w, crop_h = _px(p["crop_x1"], width) - left, _px(p["crop_y1"], height) - top
+    left, top = p["crop_x0"], p["crop_y0"]
+    crop_w, crop_h = p["crop_x1"] - left, p["crop_y1"] - top
     interp = INTERPOLATIONS[p["interp"]]
     img = TF.resized_crop(img, top, left, crop_h, crop_w, [size, size], interpolation=InterpolationMode(interp))
     if p["flip"]:
@@ -623,9 +690,10 @@ def mix(view: np.ndarray, partner_view: np.ndarray, params: np.ndarray) -> np.nd
         lam = np.float32(p["mix_lam"])
         blend = lam * view.astype(np.float32) + (np.float32(1.0) - lam) * partner_view.astype(np.float32)
         return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
-    size_h, size_w = view.shape[:2]
-    top, bottom = _px(p["mix_y0"], size_h), _px(p["mix_y1"], size_h)
-    left, right = _px(p["mix_x0"], size_w), _px(p["mix_x1"], size_w)
+    size_h, size_w, grid = *view.shape[:2], p["grid"]
+    yl, yh, xl, xh = cutmix_pixels(p["mix_cut"], p["mix_cy"], p["mix_cx"], grid)
+    top, bottom = grid_px(yl, grid, size_h), grid_px(yh, grid, size_h)
+    left, right = grid_px(xl, grid, size_w), grid_px(xh, grid, size_w)
     out = view.copy()
     out[top:bottom, left:right] = partner_view[top:bottom, left:right]
     return out
@@ -682,12 +750,14 @@ class ShardViews:
 
 
 def view_digest(view: np.ndarray) -> int:
-    """32-bit blake2b digest of a uint8 view's shape and bytes, as an int that fits numpy uint32. A corruption
-    and drift check, not a security one: a changed view goes unnoticed with probability 2**-32 per view."""
+    """24-bit blake2b digest of a uint8 view's shape and bytes, as an int that fits numpy uint32. A corruption
+    and drift check, not a security one: a changed view goes unnoticed with probability 2**-24 (6e-8) per view,
+    and a drift (a library that renders differently) changes many views, so a check of a few hundred catches it
+    with certainty; 24 bits cost 3 B a view in the cache where 32 cost 4."""
     view = np.asarray(view)
     if view.dtype != np.uint8:
         raise ValueError(f"view_digest takes the uint8 view (before normalisation), got dtype {view.dtype}")
-    h = hashlib.blake2b(digest_size=4)
+    h = hashlib.blake2b(digest_size=3)
     h.update(np.asarray(view.shape, dtype="<u8").tobytes())
     h.update(np.ascontiguousarray(view).tobytes())
     return int.from_bytes(h.digest(), "little")

@@ -11,7 +11,7 @@ from pipeline.cli import manifest_options
               help="Time a short teacher forward on the manifest's device to estimate teacher-hours.")
 def plan(m, time_teacher):
     """Print what `make teacher-cache` and `make train-student` will cost for this manifest: views to cache,
-    bytes on disk at the v2 layout (per array, from measured per-field costs), teacher forwards and
+    bytes on disk at the v3 layout (per array, from measured per-field costs), teacher forwards and
     teacher-hours (from a short measured forward), student epochs per cached epoch. Computes nothing else."""
     from pipeline.plan import format_plan, make_plan
 

@@ -162,9 +162,14 @@ class Reader:
             for shard in cache.layout_of(root, split).group_shards(group):
                 slab = cache.read_slab(root, split, epoch, shard,
                                        ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view", "labels"))
+                def ref(name):
+                    arr = self.reference[(split, name)]
+                    return arr[shard] if epoch is None or name == "labels" else arr[epoch, shard]
+
+                decoded = dict(zip(("topk_logprobs", "log_leftover"),  # the reference's stored answers, decoded
+                                   cache.decode_answers(ref("topk_logratios"), ref("leftover_logit"))))
                 for name, values in slab.items():
-                    ref = self.reference[(split, name)]
-                    want = ref[shard] if epoch is None or name == "labels" else ref[epoch, shard]
+                    want = decoded[name] if name in decoded else ref(name)
                     if name in cache.CODECS:  # the reference holds the stored form
                         values = cache.CODECS[name][0](values)
                     if not np.array_equal(values, want):

@@ -25,17 +25,17 @@ def test_bytes_per_array_are_the_chunk_files_on_disk(tmp_path):
     params = storage.imagenet_like_params(rng, SMALL.shards, SMALL.positions)
     entry = storage.cache_bytes(tmp_path, SMALL, 10, logits, params, tail=False)
     per_view = 0.0
-    for name in ("topk_logprobs", "topk_ids", "log_leftover", "view", "digest", "done"):
+    for name in ("topk_logratios", "topk_ids", "leftover_logit", "view", "digest", "done"):
         files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "k10" / "train" / name / "c") for f in fs]
         disk = sum(os.stat(f).st_blocks * 512 for f in files) / n
         apparent = sum(os.path.getsize(f) for f in files) / n
         assert entry["arrays"][name]["disk"] == pytest.approx(disk) and entry["arrays"][name]["apparent"] == pytest.approx(apparent)
         per_view += disk
     assert entry["total_disk"] == pytest.approx(per_view)
-    raw = {name: entry["arrays"][name]["raw"] for name in ("topk_logprobs", "topk_ids", "view", "digest")}
-    assert raw == {"topk_logprobs": 20, "topk_ids": 20, "view": views.PARAM_BYTES, "digest": 4}
+    raw = {name: entry["arrays"][name]["raw"] for name in ("topk_logratios", "topk_ids", "leftover_logit", "view", "digest")}
+    assert raw == {"topk_logratios": 18, "topk_ids": 20, "leftover_logit": 2, "view": views.PARAM_BYTES, "digest": 4}
     root = zarr.open_group(str(tmp_path / "k10"), mode="r")
-    assert root["train"]["topk_ids"].dtype == np.uint16 and root["train"]["topk_logprobs"].shape[-1] == 10
+    assert root["train"]["topk_ids"].dtype == np.uint16 and root["train"]["topk_logratios"].shape[-1] == 9
 
 
 def test_tail_draws_remove_the_uniform_fills_gradient_bias():

@@ -1,7 +1,7 @@
-"""Cache format v2 against float64 truth: a confident 1000-class teacher keeps its leftover mass and its soft
-targets at tau 1 and 3 through the stored form (float16 log-probabilities, the 16-bit log leftover), written
-and read back through a real Zarr cache; the view records decode to the very vectors the sampler gave; a v1
-cache is refused with the rebuild command."""
+"""Cache format v3 against float64 truth: a confident 1000-class teacher keeps its leftover mass and its soft
+targets at tau 1 and 3 through the stored form (float16 ratios to rank 1, the 16-bit logit of the leftover),
+written and read back through a real Zarr cache, and flat teachers keep theirs too; the view records decode to
+the very vectors the sampler gave; v1 and v2 caches are refused with the rebuild command."""
 
 import numpy as np
 import pytest
@@ -94,14 +94,40 @@ def test_confident_1000_class_teacher_keeps_its_leftover_and_soft_targets(tmp_pa
         assert (np.exp(ours)[missing] > 0).all()  # no clamped view: every class outside the top-K keeps mass
 
 
-def test_leftover_code_is_within_half_a_step_and_marks_none():
-    log_m = -np.linspace(0, 63.9, 10001)
-    back = cache.decode_log_leftover(cache.encode_log_leftover(log_m)).astype(np.float64)
-    assert np.abs(back - log_m).max() <= 0.5 / cache.LEFTOVER_SCALE + 1e-6  # relative error in m <= 4.9e-4
-    assert np.isneginf(cache.decode_log_leftover(cache.encode_log_leftover(np.array([-np.inf, -70.0])))).all()
-    torch_side = sparse_teacher_answers(torch.tensor([[5.0, 0.0, -1.0, -2.0]]), 2)["log_leftover"].numpy()
-    exact = np.log(np.exp([-1.0, -2.0]).sum() / np.exp([5.0, 0.0, -1.0, -2.0]).sum())
-    np.testing.assert_array_equal(torch_side, cache.decode_log_leftover(cache.encode_log_leftover([exact])))
+@pytest.mark.parametrize("teacher", ["confident", "flat", "uniform-ish", "mixed"])
+def test_stored_answers_keep_the_top_k_and_the_leftover_in_every_regime(teacher):
+    """The leftover m and the top-K's mass 1 - m both keep a relative 1e-3 through the stored logit, and rank 1's
+    derived probability is as exact as the stored ones: against float64, for confident (m tiny), flat (m near 1,
+    where deriving rank 1 as 1 - m - the rest would lose it) and mixed teachers."""
+    rng = np.random.default_rng(3)
+    z = {"confident": lambda: confident_logits(rng), "flat": lambda: rng.normal(0.0, 0.3, (N, C)),
+         "uniform-ish": lambda: rng.normal(0.0, 0.01, (N, C)),
+         "mixed": lambda: rng.normal(0.0, 1.5, (N, C)) + 6.0 * (rng.random((N, C)) < 0.002)}[teacher]()
+    true_lp, _, true_log_m = float64_truth(z, K)
+    lp, log_m = cache.decode_answers(*cache.encode_answers(true_lp, true_log_m))
+    assert lp.dtype == np.float32 and lp.shape == (N, K)
+    m, true_m = np.exp(log_m.astype(np.float64)), np.exp(true_log_m)
+    assert np.abs(m / true_m - 1).max() < 1e-3
+    assert np.abs(-np.expm1(log_m.astype(np.float64)) / -np.expm1(true_log_m) - 1).max() < 1e-3
+    rel_p = np.abs(np.exp(lp.astype(np.float64) - true_lp) - 1)
+    bound = 2.0**-11 * np.abs(true_lp - true_lp[:, :1]) + 1e-3  # a float16 ratio's rounding, plus 1 - m's error
+    assert (rel_p <= bound).all(), (rel_p / bound).max()
+    assert rel_p[:, 0].max() < 1e-3  # rank 1 itself: only 1 - m's error and the ratios' rounding weighted by p_i / p_1
+    assert (lp[:, :-1] >= lp[:, 1:]).all()  # still descending
+
+
+def test_stored_answers_mark_nothing_left_and_sparse_answers_are_the_decoded_ones():
+    none = cache.decode_answers(*cache.encode_answers(np.array([[-0.1, -2.4]]), np.array([-np.inf])))[1]
+    assert np.isneginf(none).all()
+    assert cache.encode_answers(np.array([[-1e-30]]), np.array([-70.0]))[1][0] == cache.LOGIT_NONE  # m < e**-48
+    logits = torch.tensor([[5.0, 0.0, -1.0, -2.0]])
+    torch_side = sparse_teacher_answers(logits, 2)
+    z = logits.double().numpy()
+    lse = np.log(np.exp(z).sum())
+    exact_lp, exact_log_m = z[:, :2] - lse, np.log(np.exp(z[:, 2:]).sum(1)) - lse
+    lp, log_m = cache.decode_answers(*cache.encode_answers(exact_lp, exact_log_m))
+    np.testing.assert_array_equal(torch_side["log_leftover"].numpy(), log_m)
+    np.testing.assert_allclose(torch_side["topk_logprobs"].numpy(), lp, rtol=1e-6)
 
 
 def test_view_records_decode_to_the_sampled_vectors_and_refuse_off_grid_values():
@@ -121,15 +147,19 @@ def test_view_records_decode_to_the_sampled_vectors_and_refuse_off_grid_values()
         views.decode_params(np.zeros((2, 31), np.uint8))
 
 
-def test_a_v1_cache_is_refused_with_the_rebuild_command(tmp_path):
+def test_v1_and_v2_caches_are_refused_with_the_rebuild_command(tmp_path):
     path = str(tmp_path / "old")
     root = zarr.open_group(path, mode="w")
     root.attrs.update({"schema": "distill-cache/1"})
-    with pytest.raises(cache.CacheError, match=r"schema distill-cache/1, .* reads only distill-cache/2. Rebuild it: "
+    with pytest.raises(cache.CacheError, match=r"schema distill-cache/1, .* reads only distill-cache/3. Rebuild it: "
                                                r".*run `make teacher-cache`"):
         cache.open_cache(path)
     with pytest.raises(cache.CacheError, match=r"schema distill-cache/1"):
         cache.create(path, {}, {})
+    root.attrs.update({"schema": "distill-cache/2"})
+    with pytest.raises(cache.CacheError, match=r"schema distill-cache/2 .* reads only distill-cache/3. Rebuild it: "
+                                               r".*run `make teacher-cache`"):
+        cache.open_cache(path)
 
 
 def test_the_readmes_numpy_recipe_rebuilds_the_losss_distribution(tmp_path):

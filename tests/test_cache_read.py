@@ -24,11 +24,13 @@ def _values(rng, split):
     """What the cache holds, written independently of the reader: {field: [E, S, P, ...] or [S, P, ...]}."""
     e = () if split == "val" else (EPOCHS,)
     s, p = (VAL_SHARDS, VAL_POSITIONS) if split == "val" else (SHARDS, POSITIONS)
-    out = {"topk_logprobs": rng.normal(size=e + (s, p, K)).astype(np.float16),
+    out = {"topk_logratios": -np.abs(rng.normal(size=e + (s, p, K - 1))).astype(np.float16),  # the stored form
            "topk_ids": rng.integers(CLASSES, size=e + (s, p, K)).astype(np.uint16),
-           "log_leftover": cache.decode_log_leftover(rng.integers(2**16, size=e + (s, p)).astype(np.uint16)),
+           "leftover_logit": rng.integers(2**16, size=e + (s, p)).astype(np.uint16),
            "digest": rng.integers(1, 2**32, size=e + (s, p)).astype(np.uint32),
            "labels": rng.integers(CLASSES, size=(s, p)).astype(np.int32)}
+    # what readers hand back: the answers decoded (`cache.decode_answers`, an independent formula in test_cache_format)
+    out["topk_logprobs"], out["log_leftover"] = cache.decode_answers(out["topk_logratios"], out["leftover_logit"])
     if split == "train":  # any stored record decodes to a vector that encodes back to it
         out["view"] = decode_params(rng.integers(256, size=e + (s, p, PARAM_BYTES)).astype(np.uint8))
         assert out["view"].shape[-1] == N_PARAMS
@@ -52,7 +54,7 @@ def _fill(path, skip=()) -> dict:
 def _write(root, values, split, epoch, group):
     rows = _layouts()[split].group_shards(group)
     data = {name: (v if epoch is None or name == "labels" else v[epoch])[rows.start:rows.stop]
-            for name, v in values[split].items()}
+            for name, v in values[split].items() if name not in cache.STORED_AS}  # the answers in their stored form
     cache.write_unit(root, split, epoch, group, data)
 
 
@@ -96,14 +98,16 @@ def test_val_reads_like_read_slab_and_skips_fields_it_has_not(filled):
         assert "view" not in got  # val views are the eval transform: no parameters stored
         _assert_same(got, cache.read_slab(root, "val", None, shard, ALL_FIELDS))
         for name, stored in values["val"].items():
-            np.testing.assert_array_equal(got[name], stored[shard])
+            if name not in cache.ANSWER_ARRAYS:  # readers hand out the decoded answers
+                np.testing.assert_array_equal(got[name], stored[shard])
 
 
 def test_a_run_of_one_units_shards_checks_and_decodes_it_once(filled, monkeypatch):
     path, _ = filled
     root = cache.open_cache(str(path))
     reader = cache.SlabReader(root, "train")
-    unit_keys = {f"train/{name}/c/1/1" + "/0" * (root["train"][name].ndim - 2) for name in cache.SLAB_FIELDS}
+    arrays = {array for name in cache.SLAB_FIELDS for array in cache.STORED_AS.get(name, (name,))}
+    unit_keys = {f"train/{name}/c/1/1" + "/0" * (root["train"][name].ndim - 2) for name in arrays}
     fetched, asked = [], []  # chunk keys read from the store, and asked about (existence)
     get, exists = root.store.get, root.store.exists
     monkeypatch.setattr(root.store, "get", lambda key, *a, **kw: fetched.append(key) or get(key, *a, **kw))
@@ -153,10 +157,10 @@ def test_missing_and_corrupt_chunks_give_read_slabs_errors(tmp_path):
     _fill(path)
     root = cache.open_cache(str(path))
     arrays = dict(root["train"].arrays())
-    Path(cache.chunk_location(root, arrays["log_leftover"], (0, 1, 0))).unlink()
+    Path(cache.chunk_location(root, arrays["leftover_logit"], (0, 1, 0))).unlink()
     function, reader_message = _errors(root, "train", 0, 2)
     assert function == reader_message
-    assert ("train/log_leftover chunk (0, 1, 0)" in function and "of train unit (epoch 0, shard group 1, shards [2, 3]), "
+    assert ("train/leftover_logit chunk (0, 1, 0)" in function and "of train unit (epoch 0, shard group 1, shards [2, 3]), "
             "which is marked complete, is missing; zarr would read it as zeros" in function)
     chunk = Path(cache.chunk_location(root, arrays["view"], (1, 0, 0, 0)))
     data = bytearray(chunk.read_bytes())

@@ -11,7 +11,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import views
+from pipeline import cache, views
 from pipeline.reader import read_shard
 from pipeline.shards import load_shardlist
 from stages.inspect_view import inspect_view
@@ -56,7 +56,8 @@ def test_png_is_the_teachers_view_and_the_top_k_is_printed(tiny_cache, tmp_path)
     assert f"sample {sample.key!r} (label {sample.label}, mixed with {partner.key!r})" in out
     assert "matches the stored one: this is exactly the view the teacher saw" in out
     assert re.search(r"mix: \{\"mode\": \"(mixup|cutmix)\", \"partner\": %d" % partner.pos, out)
-    logits = raw["train"]["topk_logprobs"][EPOCH, SHARD, POS].astype(np.float64)
+    logits = cache.decode_answers(raw["train"]["topk_logratios"][EPOCH, SHARD, POS],
+                                  raw["train"]["leftover_logit"][EPOCH, SHARD, POS])[0].astype(np.float64)
     ids = raw["train"]["topk_ids"][EPOCH, SHARD, POS]
     probs = np.exp(logits)
     lines = [line for line in out.splitlines() if re.match(r"\s+\d+\. class", line)]
@@ -152,22 +153,22 @@ def test_the_figure_shows_boxes_views_ops_and_the_top_k_read_independently(tiny_
         return [(r.get_x(), r.get_y(), r.get_width(), r.get_height(), r.get_edgecolor()[:3])
                 for r in ax.patches if isinstance(r, Rectangle)]
 
-    def expected_box(box, w, h):
-        return pytest.approx((box[0] * w - 0.5, box[1] * h - 0.5, (box[2] - box[0]) * w, (box[3] - box[1]) * h))
+    def expected_box(box, scale):  # a pixel box drawn `scale` times enlarged, pixel edges at -0.5
+        return pytest.approx((box[0] * scale - 0.5, box[1] * scale - 0.5, (box[2] - box[0]) * scale,
+                              (box[3] - box[1]) * scale))
 
-    w, h = source.size
     np.testing.assert_array_equal(source_ax.images[0].get_array(), np.asarray(source))
-    assert [b[:4] for b in boxes(source_ax)] == [expected_box(d["crop"]["box"], w, h)]
+    assert [b[:4] for b in boxes(source_ax)] == [expected_box(d["crop"]["box"], 1)]  # pixels of the source
     pd = views.describe(params[partner])
     np.testing.assert_array_equal(partner_ax.images[0].get_array(), np.asarray(partner_source))
-    assert [b[:4] for b in boxes(partner_ax)] == [expected_box(pd["crop"]["box"], *partner_source.size)]
+    assert [b[:4] for b in boxes(partner_ax)] == [expected_box(pd["crop"]["box"], 1)]
     for ax, size in ((teacher_ax, 16), (student_ax, 8)):
         image = ax.images[0]
         assert image.get_interpolation() == "nearest"
         assert image.get_array().shape[:2] == (size, size)
         drawn = [b[:4] for b in boxes(ax)]
-        assert expected_box(d["erase"]["box"], size, size) in drawn
-        assert expected_box(d["mix"]["box"], size, size) in drawn
+        assert expected_box(d["erase"]["box"], size / d["grid"]) in drawn  # pixels of the teacher's view
+        assert expected_box(d["mix"]["box"], size / d["grid"]) in drawn
     np.testing.assert_array_equal(teacher_ax.images[0].get_array(), view.teacher_view)
 
     text = text_ax.texts[0].get_text()

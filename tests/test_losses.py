@@ -39,15 +39,14 @@ def distinct_logits(rng, batch, num_classes, spread=0.6):
 
 
 def cache_views(full_logits, k, id_dtype):
-    """What the cache hands back, computed here in float64: top-K log-probabilities in float16 sorted
-    descending, their ids, and the log leftover on the stored grid. Returns also the float64 values."""
+    """What the cache hands back, computed here in float64 and put through the stored form: top-K
+    log-probabilities sorted descending, their ids, and the log leftover. Returns also the float64 values."""
     order = np.argsort(-full_logits, axis=1, kind="stable")[:, :k]
     log_p = np_log_softmax(full_logits)
-    topk = np.take_along_axis(log_p, order, axis=1).astype(np.float16)
     rest = log_p.copy()
     np.put_along_axis(rest, order, -np.inf, axis=1)
     log_rest = np_logsumexp(rest) if k < full_logits.shape[1] else np.full(len(rest), -np.inf)
-    log_leftover = cache.decode_log_leftover(cache.encode_log_leftover(log_rest))
+    topk, log_leftover = cache.decode_answers(*cache.encode_answers(np.take_along_axis(log_p, order, axis=1), log_rest))
     cached = {
         "topk_logprobs": torch.from_numpy(topk),
         "topk_ids": torch.from_numpy(order.astype(id_dtype)),
@@ -79,8 +78,9 @@ def test_full_cache_equals_deit_on_float16_logits(mode, tau, id_dtype):
     rng = np.random.default_rng(0)
     batch, num_classes, alpha = 6, 10, 0.3
     full = distinct_logits(rng, batch, num_classes)
-    cached, _, _, _ = cache_views(full, num_classes, id_dtype)
-    teacher = np_log_softmax(full).astype(np.float16).astype(np.float64)  # as the cache keeps them
+    cached, topk, order, _ = cache_views(full, num_classes, id_dtype)
+    teacher = np.zeros_like(topk)
+    np.put_along_axis(teacher, order, topk, axis=1)  # the teacher's log-probabilities as the cache keeps them
     class_logits = rng.normal(size=(batch, num_classes)) * 2
     dist_logits = rng.normal(size=(batch, num_classes)) * 2
     target = random_soft_target(rng, batch, num_classes)

@@ -45,7 +45,7 @@ def test_plan_command_times_the_teacher_and_prints_the_budget(tmp_path):
     result = CliRunner().invoke(main, ["plan", "--manifest", TINY, *sets])
     assert result.exit_code == 0, result.output
     assert "teacher-hours" in result.output and "ms per view on cpu (measured" in result.output
-    assert "train/topk_logprobs" in result.output and "total" in result.output
+    assert "train/topk_logratios" in result.output and "total" in result.output
     assert not (tmp_path / "cache").exists()  # nothing computed, nothing written
 
 

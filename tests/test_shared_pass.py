@@ -203,13 +203,13 @@ def test_a_pickle_planted_in_the_run_directory_is_not_executed(tiny_cache, tmp_p
 def test_a_corrupt_chunk_is_reported_before_the_first_step(tiny_cache, tmp_path):
     shutil.copytree(tiny_cache.cache_path, tmp_path / "cache")
     root = cache.open_cache(str(tmp_path / "cache"))
-    arr = root["train"]["topk_logprobs"]
+    arr = root["train"]["topk_logratios"]
     chunk = Path(cache.chunk_location(root, arr, (1, 0) + (0,) * (arr.ndim - 2)))  # read only in student epoch 1
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     m = tiny_cache.manifest(f"cache.path={tmp_path / 'cache'}", "student.verify_sample=0", run_dir=tmp_path / "run")
-    with pytest.raises(cache.CacheError, match=rf"train/topk_logprobs chunk \(1, 0.*\({chunk}\) is corrupt"):
+    with pytest.raises(cache.CacheError, match=rf"train/topk_logratios chunk \(1, 0.*\({chunk}\) is corrupt"):
         train(m, progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "last.pth").exists()
 

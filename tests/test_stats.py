@@ -40,7 +40,7 @@ CLASSES = [f"class {c}" for c in range(C)]
 def _params(partner: int, lam: float) -> np.ndarray:
     values = dict.fromkeys(views.PARAM_FIELDS, 0.0)
     values |= {f"ra{i}_op": -1.0 for i in range(views.MAX_RA_OPS)}
-    values |= {"mix_mode": 1.0 if lam < 1 else 0.0, "mix_partner": float(partner), "mix_lam": lam}
+    values |= {"mix_mode": 1.0 if lam < 1 else 0.0, "mix_partner": float(partner), "mix_lam": lam, "grid": 8.0}
     return views.quantise_params(np.array([values[f] for f in views.PARAM_FIELDS], np.float32))
 
 
@@ -97,10 +97,10 @@ def synthetic_cache(tmp_path_factory):
 
 
 def _entropy(log_p, code):
-    """Closed form: the top-K probabilities plus the leftover (read from its stored code as the README says)
-    spread evenly over the C - K other classes, renormalised as the loss does."""
+    """Closed form: the top-K probabilities plus the leftover (read from its stored logit code as the README
+    says) spread evenly over the C - K other classes, renormalised as the loss does."""
     p = np.exp(log_p.astype(np.float64))
-    rest = math.exp(-float(code) / 1024)
+    rest = 1.0 / (1.0 + math.exp(-(16.0 - float(code) / 1024))) if code != 65535 else 0.0
     p, rest = p / (p.sum() + rest), rest / (p.sum() + rest)
     h = -sum(x * math.log(x) for x in p if x > 0)
     return h - (rest * math.log(rest / (C - K)) if rest > 0 else 0.0)
@@ -108,8 +108,8 @@ def _entropy(log_p, code):
 
 def _expected_train(path):
     raw = zarr.open_group(path, mode="r")
-    arrays = {name: raw["train"][name][...] for name in ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view",
-                                                         "done")}
+    arrays = {name: raw["train"][name][...] for name in ("topk_logratios", "topk_ids", "leftover_logit", "digest",
+                                                         "view", "done")}
     labels = raw["train"]["labels"][...]
     labelled = arrays["done"][0]  # the epoch-0 units write the labels
     out = {}
@@ -121,7 +121,8 @@ def _expected_train(path):
             for pos in range(P):
                 if arrays["digest"][epoch, shard, pos] == 0:
                     continue
-                z, code = arrays["topk_logprobs"][epoch, shard, pos], arrays["log_leftover"][epoch, shard, pos]
+                code = arrays["leftover_logit"][epoch, shard, pos]
+                z, _ = cache.decode_answers(arrays["topk_logratios"][epoch, shard, pos], code)
                 mass.append(np.exp(z.astype(np.float64)).sum())
                 entropy.append(_entropy(z, code))
                 if not labelled[shard]:

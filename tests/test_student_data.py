@@ -41,10 +41,10 @@ def test_replayed_views_are_the_views_the_teacher_saw(tiny_cache):
             assert (shard, pos) != BAD
             view = batch["views"][i].numpy()
             assert (views.view_digest(view) or 1) == int(train["digest"][0, shard, pos])
-            np.testing.assert_array_equal(batch["topk_logprobs"][i].numpy(), train["topk_logprobs"][0, shard, pos])
+            topk, log_m = cache.decode_answers(train["topk_logratios"][0, shard, pos], train["leftover_logit"][0, shard, pos])
+            np.testing.assert_array_equal(batch["topk_logprobs"][i].numpy(), topk)  # the stored form, decoded
             np.testing.assert_array_equal(batch["topk_ids"][i].numpy(), train["topk_ids"][0, shard, pos])
-            code = int(train["log_leftover"][0, shard, pos])  # the stored code; 65535: nothing outside the top-K
-            assert batch["log_leftover"][i].item() == (-np.inf if code == 65535 else -code / 1024)
+            assert batch["log_leftover"][i].item() == log_m
             assert batch["labels"][i].item() == train["labels"][shard, pos]
             partner, lam = views.mix_target(views.decode_params(train["view"][0, shard, pos]))
             partner = pos if (shard, partner) == BAD else partner
@@ -330,10 +330,10 @@ def test_a_cache_of_the_previous_recipe_version_is_refused_naming_the_field(tiny
 
     root = cache.open_cache(str(cache_copy), mode="r+")
     expected = dict(root.attrs)
-    assert expected["recipe"]["version"] == views.RECIPE_VERSION == "views/2"
+    assert expected["recipe"]["version"] == views.RECIPE_VERSION == "views/3"
     root.attrs["recipe"] = {**expected["recipe"], "version": "views/1"}  # a cache filled before this recipe
     with pytest.raises(cache.CacheError, match=r"built with a different recipe: at recipe.version the cache has "
-                                               r"\"views/1\", the run spec has \"views/2\".*set views back"):
+                                               r"\"views/1\", the run spec has \"views/3\".*set views back"):
         check_fingerprint(root, expected, str(cache_copy))
 
 

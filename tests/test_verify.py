@@ -93,7 +93,8 @@ def test_clean_cache_passes_and_agrees_with_a_direct_recomputation(built):
             with torch.no_grad():
                 logits = teacher.model(normalize(torch.from_numpy(np.stack(x)), teacher.mean, teacher.std))
             ids = root["train"]["topk_ids"][epoch, shard][positions].astype(np.int64)
-            cached = np.exp(root["train"]["topk_logprobs"][epoch, shard][positions].astype(np.float64))
+            cached = np.exp(cache.decode_answers(root["train"]["topk_logratios"][epoch, shard][positions],
+                                                 root["train"]["leftover_logit"][epoch, shard][positions])[0].astype(np.float64))
             p = torch.softmax(logits.double(), dim=1).numpy()
             worst = max(worst, float(np.abs(cached - np.take_along_axis(p, ids, 1)).max()))
     assert report.splits["train"].max_prob_error == pytest.approx(worst, abs=1e-6)
@@ -125,8 +126,8 @@ def test_a_wrong_cached_probability_fails_and_names_the_view(built, tmp_path):
     path = built.copy(tmp_path)
     shard, positions = next(iter(_sampled(built, "train").items()))
     pos = int(positions[0])
-    arr = cache.open_cache(path, mode="r+")["train"]["topk_logprobs"]
-    arr[1, shard, pos, 2] = arr[1, shard, pos, 2] + np.float16(0.5)  # rewritten through zarr: the checksum holds
+    arr = cache.open_cache(path, mode="r+")["train"]["topk_logratios"]
+    arr[1, shard, pos, 1] = arr[1, shard, pos, 1] + np.float16(0.5)  # rank 3, rewritten through zarr: the checksum holds
     report = verify.verify_cache(built.manifest(), path, share=0.3)
     assert not report.passed
     sr = report.splits["train"]
@@ -145,7 +146,7 @@ def test_wrong_val_answers_are_caught(built, tmp_path):
     shard, positions = next(iter(_sampled(built, "val").items()))
     pos = int(positions[-1])
     val = cache.open_cache(path, mode="r+")["val"]
-    val["topk_logprobs"][shard, pos] = val["topk_logprobs"][shard, pos] - np.float16(0.3)
+    val["topk_logratios"][shard, pos] = val["topk_logratios"][shard, pos] - np.float16(0.3)
     report = verify.verify_cache(built.manifest(), path, share=0.3)
     assert not report.passed and report.splits["train"].violations == []
     assert report.splits["val"].violations[0].startswith(f"val shard {shard} position {pos}")
@@ -280,9 +281,9 @@ def _chunk(path, split, name, coords):
 
 def test_a_flipped_byte_is_named_with_array_chunk_and_unit(built, tmp_path):
     path = built.copy(tmp_path)
-    _flip_byte(_chunk(path, "train", "topk_logprobs", (1, 2, 0, 0)))
+    _flip_byte(_chunk(path, "train", "topk_logratios", (1, 2, 0, 0)))
     root = cache.open_cache(path)
-    message = (r"train/topk_logprobs chunk \(1, 2, 0, 0\) \(.*/train/topk_logprobs/c/1/2/0/0\) is corrupt \(Stored and "
+    message = (r"train/topk_logratios chunk \(1, 2, 0, 0\) \(.*/train/topk_logratios/c/1/2/0/0\) is corrupt \(Stored and "
                r"computed checksum do not match.*\); it belongs to train unit \(epoch 1, shard group 2, shards \[2\]\)\. "
                r"Nothing was read from it: restore the cache from a copy, or delete .*/train/done/c/1/2 \(the unit's "
                r"done flag\) and resume `make teacher-cache` to recompute the unit")
@@ -310,10 +311,10 @@ def test_flipped_bytes_in_labels_and_done_flags_are_named(built, tmp_path):
 
 def test_a_deleted_chunk_of_a_complete_unit_is_an_error_not_zeros(built, tmp_path):
     path = built.copy(tmp_path)
-    Path(_chunk(path, "train", "log_leftover", (0, 1, 0))).unlink()
+    Path(_chunk(path, "train", "leftover_logit", (0, 1, 0))).unlink()
     root = cache.open_cache(path)
-    assert (root["train"]["log_leftover"][0, 1] == 0).all()  # what zarr alone would hand out
-    with pytest.raises(cache.CacheError, match=r"train/log_leftover chunk \(0, 1, 0\) \(.*/train/log_leftover/c/0/1/0\) of train unit "
+    assert (root["train"]["leftover_logit"][0, 1] == 0).all()  # what zarr alone would hand out
+    with pytest.raises(cache.CacheError, match=r"train/leftover_logit chunk \(0, 1, 0\) \(.*/train/leftover_logit/c/0/1/0\) of train unit "
                                                r"\(epoch 0, shard group 1, shards \[1\]\), which is marked complete, is "
                                                r"missing; zarr would read it as zeros"):
         cache.read_slab(root, "train", 0, 1)
@@ -329,7 +330,7 @@ def test_a_unit_not_complete_is_reported_and_never_read(built, tmp_path):
     # a partly written unit: its done flag never came, one data chunk half written, a leftover temporary file
     Path(_chunk(path, "train", "done", (1, 4))).unlink()
     Path(_chunk(path, "train", "view", (1, 4, 0, 0))).write_bytes(b"half a chunk")
-    Path(_chunk(path, "train", "log_leftover", (1, 4, 0))).with_suffix(".0a1b.partial").write_bytes(b"x")
+    Path(_chunk(path, "train", "leftover_logit", (1, 4, 0))).with_suffix(".0a1b.partial").write_bytes(b"x")
     root = cache.open_cache(path)
     with pytest.raises(cache.CacheError, match=r"train unit \(epoch 1, shard group 4, shards \[4\]\) is not complete: "
                                                r"resume `make teacher-cache` to finish it"):
