@@ -518,15 +518,17 @@ def markdown(r: dict) -> list[str]:
                  _spread(ld["timm_first_epoch1_s"]), _spread(ld["timm_first_s"]), _spread(ld["timm_steady_s"]),
                  num(r["timm_first_batch_epoch1_over_steady"]), num(r["timm_first_batch_over_steady"]),
                  _spread(ld["timm_epoch_s"])]])
-            + ["", "The shuffle buffer (4096) holds encoded samples and a view is rendered when its batch leaves, so an "
-                   "epoch's first batch waits for its worker to read its share of the shards up to that batch and to "
-                   "render its views and their mix partners (about two batches' renders), and, where workers start "
-                   "with the epoch, for the worker's start (fork, open the cache). Persistent workers start once; "
-                   "each then begins its part of the next epoch (its first batch) in a thread as it starts the last "
-                   "two batches of the current one, and hands it over when that epoch is asked for: the same batches, "
-                   "made earlier. In a run that time is the trainer's last steps and its evaluation; here, with "
-                   "nothing but the loader, it overlaps the worker's own last batches, which the column of epoch "
-                   "times shows (the next epoch's first batch is partly paid in the steady batches at an epoch's "
-                   "end; with few batches an epoch the steady median feels it). With W workers each batching its "
-                   "own views (timm's loader as well), the first batch is one worker's work while a steady batch is "
-                   "W workers' in parallel."])
+            + ["", f"The shuffle buffer ({ld['shuffle_buffer']}) holds encoded samples and a view is rendered when its "
+                   "batch leaves, so an epoch's first batch waits for its worker to read its share of the shards up "
+                   "to that batch (here the whole shard: the buffer is larger than an epoch) and to render its views "
+                   "and their mix partners (about two batches' renders), and, where workers start with the epoch, "
+                   "for the worker's start (fork, open the cache). Persistent workers start once, and each begins its "
+                   "part of the next epoch in a thread as soon as it has read all it reads of the current one (the "
+                   "batches left are the buffer's drain; here from an epoch's second batch on) or, at the latest, as "
+                   "it starts the last two: the thread reads up to the next epoch's first batch and renders it, and "
+                   "the worker hands that batch over when the epoch is asked for. The same batches, made earlier; a "
+                   "worker holds up to two buffers of encoded samples. In a run that work overlaps the trainer's steps "
+                   "and evaluation; here, with nothing but the loader, it overlaps the worker's own batches, in a "
+                   "thread that can use the core the waiting main process leaves: the steady batch and the epoch "
+                   "time show what it costs. With W workers each batching its own views (timm's loader as well), the "
+                   "first batch is one worker's work while a steady batch is W workers' in parallel."])

@@ -20,7 +20,14 @@ costs about two batches' renders (each view and its mix partner), not a buffer's
 JPEG bytes rather than rendered views.
 Each worker batches its own views (dropping its last partial batch); the loader interleaves workers
 round-robin, a finished worker dropping out, and every rank stops after `TrainSet.steps_per_epoch`
-batches: the smallest count any rank reaches in any epoch, so DDP never waits on a short rank.
+batches: the smallest count any rank reaches in any epoch, so DDP never waits on a short rank (each worker
+stops at its part of them, `TrainSet.share`).
+
+A run keeps its loader workers for all its epochs (`RankLoader`, torch's persistent workers): each epoch and
+the batches to skip are handed to them in shared memory, each worker derives its part from (epoch, rank,
+skip) alone, and it begins its part of the next epoch (reading up to its first batch and rendering it) in a
+thread while it finishes the current one (`StudentViews`). The batches are the same as from workers started
+anew each epoch (`TrainSet.loader`), bit for bit.
 """
 
 from __future__ import annotations
