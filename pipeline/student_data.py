@@ -20,7 +20,14 @@ costs about two batches' renders (each view and its mix partner), not a buffer's
 JPEG bytes rather than rendered views.
 Each worker batches its own views (dropping its last partial batch); the loader interleaves workers
 round-robin, a finished worker dropping out, and every rank stops after `TrainSet.steps_per_epoch`
-batches: the smallest count any rank reaches in any epoch, so DDP never waits on a short rank.
+batches: the smallest count any rank reaches in any epoch, so DDP never waits on a short rank (each worker
+stops at its part of them, `TrainSet.share`).
+
+A run keeps its loader workers for all its epochs (`RankLoader`, torch's persistent workers): each epoch and
+the batches to skip are handed to them in shared memory, each worker derives its part from (epoch, rank,
+skip) alone, and it begins its part of the next epoch (reading up to its first batch and rendering it) in a
+thread while it finishes the current one (`StudentViews`). The batches are the same as from workers started
+anew each epoch (`TrainSet.loader`), bit for bit.
 """
 
 from __future__ import annotations
@@ -244,12 +251,15 @@ class TrainSet:
         part[:n] = rank % r == epoch % r
         return self.valid[shard] & part
 
-    def plan(self, epoch: int, rank: int) -> list[WorkerPlan]:
+    def plan(self, epoch: int, rank: int, only: int | None = None) -> list[WorkerPlan]:
+        """The plans of the loader workers of `rank` in `epoch` (of worker `only` alone, when given)."""
         s, r = self.m.student, self.repeats
         spans_per_worker = plan_epoch(self.shardlist, epoch, s.shuffle_seed(), self.world_size, self.workers,
                                       block=self.m.views.mix.window)[rank]
         plans = []
         for worker, spans in enumerate(spans_per_worker):
+            if only is not None and worker != only:
+                continue
             chosen = {shard: self.selected(epoch, shard) for shard in {sp.shard for sp in spans}}
             items = [(sp.shard, p, copy) for sp in spans for p in range(sp.start, sp.stop) if chosen[sp.shard][p]
                      for copy in range(r)]
@@ -262,6 +272,20 @@ class TrainSet:
             plans.append(WorkerPlan(spans, items, order, ready, s.batch_size))
         return plans
 
+    def share(self, epoch: int, rank: int, skip: int, worker: int) -> tuple[WorkerPlan, int, int]:
+        """What loader worker `worker` of `rank` yields of `epoch` resumed after batch `skip`: (a plan, its first
+        batch, its end batch). The loader takes one batch per worker in turn from its worker 0, a finished worker
+        dropping out, so worker j runs the plan whose turn is next after `skip` batches, plus j
+        (`round_robin_resume`), from its batches taken by then to those the epoch's first `steps_per_epoch` take:
+        the same batches in the same order as every plan run whole and cut at `steps_per_epoch`, and no batch
+        made that the epoch does not use. Computed from (epoch, rank, skip) alone, so a persistent worker
+        derives its part of each epoch itself."""
+        counts = self._worker_batches(epoch)[rank]
+        taken, first = round_robin_resume(counts, skip)
+        ends, _ = round_robin_resume(counts, self.steps_per_epoch)
+        index = (first + worker) % len(counts)
+        return self.plan(epoch, rank, index)[0], taken[index], ends[index]
+
     @functools.cached_property
     def _valid_before(self) -> np.ndarray:
         """[S, P + 1]: views at positions below p of each shard."""
@@ -269,6 +293,11 @@ class TrainSet:
 
     def _batches_per_rank(self, epoch: int) -> list[int]:
         """Batches each rank can make in `epoch`, from counts alone (no shuffle, no rendering)."""
+        return [sum(rank) for rank in self._worker_batches(epoch)]
+
+    def _worker_batches(self, epoch: int) -> list[list[int]]:
+        """[rank][worker]: the batches of each loader worker's plan in `epoch` (`WorkerPlan.batches`), from
+        counts alone."""
         spans = plan_epoch(self.shardlist, epoch, self.m.student.shuffle_seed(), self.world_size, self.workers,
                            block=self.m.views.mix.window)
         if self.repeats == 1:
@@ -277,7 +306,7 @@ class TrainSet:
             chosen = np.array([self.selected(epoch, shard) for shard in range(len(self.valid))])
             prefix = np.concatenate([np.zeros((len(chosen), 1), np.int64), chosen.cumsum(1)], axis=1) * self.repeats
         b = self.m.student.batch_size
-        return [sum(sum(int(prefix[sp.shard, sp.stop] - prefix[sp.shard, sp.start]) for sp in w) // b for w in rank)
+        return [[sum(int(prefix[sp.shard, sp.stop] - prefix[sp.shard, sp.start]) for sp in w) // b for w in rank]
                 for rank in spans]
 
     @functools.cached_property
@@ -292,19 +321,13 @@ class TrainSet:
         return steps
 
     def loader(self, epoch: int, rank: int, skip: int = 0) -> Iterator[dict]:
-        """Exactly `steps_per_epoch - skip` batches of this rank's share of `epoch`, resuming after batch `skip`."""
-        steps = self.steps_per_epoch
-        plans = self.plan(epoch, rank)
-        skips, first = round_robin_resume([p.batches for p in plans], skip)
-        # loader worker j runs plan first + j: the loader's own round-robin starts at its worker 0
-        dataset = StudentViews(self, epoch, plans[first:] + plans[:first], skips[first:] + skips[:first])
-        workers = self.m.student.workers
-        # the generator keeps the loader from drawing its base seed from torch's global RNG
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
-                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                            prefetch_factor=2 if workers else None)
-        # every worker yields all its planned batches, which add up to at least `steps` (see steps_per_epoch)
-        yield from itertools.islice(loader, steps - skip)
+        """Exactly `steps_per_epoch - skip` batches of this rank's share of `epoch`, resuming after batch `skip`,
+        from loader workers started for this epoch alone (`open_loader` keeps them for a run)."""
+        yield from RankLoader(self, rank, persistent=False).epoch(epoch, skip)
+
+    def open_loader(self, rank: int, persistent: bool = True) -> RankLoader:
+        """This rank's loader for a whole run: `.epoch(e, skip)` per epoch, `.close()` (or `with`) at the end."""
+        return RankLoader(self, rank, persistent)
 
 
 def open_train_set(m: Manifest, root, world_size: int = 1, teacher_size: int | None = None) -> TrainSet:
@@ -326,46 +349,85 @@ def open_train_set(m: Manifest, root, world_size: int = 1, teacher_size: int | N
 class StudentViews(IterableDataset):
     """One rank's epoch as batches: uint8 views [B, H, W, 3] (and `teacher_views` at the teacher's size
     when asked), labels, partner_labels, lam [B], topk_logprobs float16 [B, K], topk_ids int64 [B, K],
-    log_leftover [B], shard, pos, cache_epoch [B] (and tail_ids, tail_logprobs where the cache has tail samples)."""
+    log_leftover [B], shard, pos, cache_epoch [B] (and tail_ids, tail_logprobs where the cache has tail samples).
 
-    def __init__(self, data: TrainSet, epoch: int, plans: list[WorkerPlan], skips: list[int]):
-        self.data, self.epoch, self.plans, self.skips = data, epoch, plans, skips
+    The epoch and the batches to skip are read from `where` (shared memory, written by `RankLoader.epoch`)
+    each time the dataset is iterated, so one set of persistent loader workers serves every epoch of a run;
+    each worker derives its part from (epoch, rank, skip) alone (`TrainSet.share`). With `ahead` (persistent
+    workers), a worker begins its part of the next epoch (as asked for without a skip) in a thread once it has
+    read all it reads of the current one (its batches left are the shuffle buffer's drain; not before its first
+    batch is out) or starts its last `AHEAD` batches, whichever comes first: the thread reads the next epoch's
+    shards up to its first batch and renders it, and the worker hands that batch over when the epoch is asked
+    for. The batches are the same either way, only made earlier: reading does not stop at an epoch's end, and
+    the next epoch's first batch is made while the trainer takes its last steps and evaluates. A worker then
+    holds up to two buffers of encoded samples (the drain of one epoch, the start of the next)."""
 
-    def __iter__(self):
+    def __init__(self, data: TrainSet, rank: int, where: torch.Tensor, ahead: bool = False):
+        self.data, self.rank, self.where, self.ahead = data, rank, where, ahead
+        self._next: _Ahead | None = None  # in a worker: its part of the next epoch, begun
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, skip = (int(v) for v in self.where)
         worker, workers = dataloader_worker()
-        if workers != len(self.plans):
-            raise RuntimeError(f"the epoch was planned for {len(self.plans)} loader workers, not {workers}")
-        plan, skip = self.plans[worker], self.skips[worker]
+        if workers != self.data.workers:
+            raise RuntimeError(f"the epoch was planned for {self.data.workers} loader workers, not {workers}")
+        begun = self._next
+        if begun is not None:
+            begun.thread.join()  # its first batch made: from here on only this thread touches `_next`
+            self._next = None
+            if begun.key == (epoch, skip, worker):
+                return begun.take()
+            begun.drop()  # another epoch was asked for (never in a run's sequence of epochs)
+        return self._batches(epoch, skip, worker)
+
+    def _batches(self, epoch: int, skip: int, worker: int) -> Iterator[dict]:
+        plan, start, stop = self.data.share(epoch, self.rank, skip, worker)
         b = plan.batch_size
         position = np.empty(len(plan.items), np.int64)  # item -> its output index
         position[plan.order] = np.arange(len(plan.items))
-        wanted = (position >= skip * b) & (position < plan.batches * b)
-        done_by = plan.ready[np.arange(skip, plan.batches) * b + b - 1] if plan.batches > skip else []
+        wanted = (position >= start * b) & (position < stop * b)
+        done_by = plan.ready[np.arange(start, stop) * b + b - 1] if stop > start else []
         pending: dict[int, Callable[[], dict]] = {}  # item -> renders its record when its batch is emitted
-        next_batch = skip
-        for item, record in self._records(plan, wanted):
+        next_batch = start
+        last_read = int(np.flatnonzero(wanted)[-1]) if wanted.any() else -1
+        read_all = False  # every wanted item read: the batches left are the shuffle buffer's drain
+
+        def emit(batch: int) -> dict:
+            if batch >= stop - AHEAD or (read_all and batch > start):
+                self._begin(epoch + 1, worker)
+            return _collate([pending.pop(int(i))() for i in plan.order[batch * b:(batch + 1) * b]])
+
+        for item, record in self._records(epoch, plan, wanted):
             if record is not None:
                 pending[item] = record
-            while next_batch < plan.batches and done_by[next_batch - skip] <= item + 1:
-                yield _collate([pending.pop(int(i))() for i in plan.order[next_batch * b:(next_batch + 1) * b]])
+            read_all = item >= last_read
+            while next_batch < stop and done_by[next_batch - start] <= item + 1:
+                yield emit(next_batch)
                 next_batch += 1
-        for batch in range(next_batch, plan.batches):  # the buffer's drain, after spans with nothing wanted
-            yield _collate([pending.pop(int(i))() for i in plan.order[batch * b:(batch + 1) * b]])
+        for batch in range(next_batch, stop):  # the buffer's drain, after spans with nothing wanted
+            yield emit(batch)
 
-    def _records(self, plan: WorkerPlan, wanted: np.ndarray) -> Iterator[tuple[int, Callable[[], dict] | None]]:
+    def _begin(self, epoch: int, worker: int) -> None:
+        """Start this worker's part of `epoch` (from its first batch) in a thread, once, in persistent workers."""
+        if self.ahead and self._next is None and epoch < self.data.m.student.epochs:
+            self._next = _Ahead((epoch, 0, worker), lambda: self._batches(epoch, 0, worker))
+            self._next.start()
+
+    def _records(self, epoch: int, plan: WorkerPlan, wanted: np.ndarray
+                 ) -> Iterator[tuple[int, Callable[[], dict] | None]]:
         """(item index, a function that renders its record, or None when not wanted) for every item, in reading
         order. Reading decodes nothing: the images stay encoded until a view of their window is rendered, and
         each mix window of each replayed cache epoch gets its own `views.ShardViews`, so its unmixed views are
         rendered once whatever the order its views are emitted in, and dropped with the last of them."""
         data, m = self.data, self.data.m
         root = cache.open_cache(data.cache_path)
-        cache_epochs = data.cache_epochs_of(self.epoch)
+        cache_epochs = data.cache_epochs_of(epoch)
         readers = [cache.SlabReader(root, "train") for _ in cache_epochs]  # each keeps its own unit's chunks
         item = 0
         slabs, slab_shard, chosen, chosen_shard = None, None, None, None
         for span in plan.spans:
             if chosen_shard != span.shard:
-                chosen, chosen_shard = data.selected(self.epoch, span.shard), span.shard
+                chosen, chosen_shard = data.selected(epoch, span.shard), span.shard
             span_items = int(chosen[span.start:span.stop].sum()) * len(cache_epochs)
             if not wanted[item:item + span_items].any():
                 item += span_items
@@ -418,6 +480,90 @@ class StudentViews(IterableDataset):
                 "log_leftover": slab["log_leftover"][pos], "shard": shard, "pos": pos, "cache_epoch": cache_epoch,
                 **{name: slab[name][pos].astype(np.int64) if name == "tail_ids" else slab[name][pos]
                    for name in ("tail_ids", "tail_logprobs") if name in slab}}
+
+
+AHEAD = 2  # a persistent worker begins its next epoch at the latest as it starts the last AHEAD batches of this one
+PREFETCH = 2  # batches each loader worker has in flight (the DataLoader's prefetch_factor)
+
+
+class _Ahead:
+    """A worker's part of its next epoch, begun in a thread: its first batch made (reading the shards up to it,
+    rendering its views and their mix partners) while the worker finishes its current epoch and the trainer
+    its last steps and evaluation. `take` hands over that batch and the rest of the epoch's batches."""
+
+    def __init__(self, key: tuple[int, int, int], batches: Callable[[], Iterator[dict]]):
+        import threading
+
+        self.key, self.make = key, batches
+        self.batches: Iterator[dict] | None = None
+        self.first: dict | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"student-views-epoch-{key[0]}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.batches = self.make()
+            self.first = next(self.batches, None)
+        except BaseException as e:  # raised where the epoch's first batch is asked for, as without the thread
+            self.error = e
+
+    def take(self) -> Iterator[dict]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.first is not None:
+            yield self.first
+            yield from self.batches
+
+    def drop(self) -> None:
+        self.thread.join()
+        if self.batches is not None:
+            self.batches.close()
+
+
+class RankLoader:
+    """One rank's train batches over a run: one DataLoader whose workers (`student.workers`) start at the first
+    epoch asked for and, with `persistent`, stay for every later epoch (torch's persistent_workers), each epoch
+    handed to them through shared memory; `close` (or leaving a `with` block) stops them. With workers 0 the
+    batches are made in this process, as without persistence."""
+
+    def __init__(self, data: TrainSet, rank: int, persistent: bool = True):
+        workers = data.m.student.workers
+        persistent = persistent and workers > 0
+        self.data, self.rank = data, rank
+        self.where = torch.zeros(2, dtype=torch.int64)  # (epoch, skip), read by the workers
+        if workers:
+            self.where.share_memory_()
+        # the generator keeps the loader from drawing its base seed from torch's global RNG
+        self.loader = DataLoader(StudentViews(data, rank, self.where, ahead=persistent), batch_size=None,
+                                 num_workers=workers, generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
+                                 persistent_workers=persistent, prefetch_factor=PREFETCH if workers else None)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """Exactly `steps_per_epoch - skip` batches of this rank's share of `epoch`, resuming after batch `skip`."""
+        steps = self.data.steps_per_epoch
+        if not 0 <= skip <= steps:
+            raise ValueError(f"cannot skip {skip} batches of an epoch that has {steps}")
+        if skip == steps:
+            return iter(())
+        self.where[0], self.where[1] = epoch, skip
+        # the workers' parts of the epoch add up to exactly `steps - skip` batches (TrainSet.share)
+        return itertools.islice(self.loader, steps - skip)
+
+    def close(self) -> None:
+        """Stop the persistent workers (a no-op without them, or when stopped already)."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+    def __enter__(self) -> RankLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class EncodedImages(Mapping):

@@ -509,13 +509,16 @@ def train_shared(manifests: list[Manifest], world: World | None = None, answers:
                 raise
             runs.append(e)
     live = [r for r in runs if isinstance(r, Run)]
+    loader = data.open_loader(world.rank)  # its workers start with the first epoch and stay for the pass
     try:
-        _run_pass(live, data, world, progress)
+        _run_pass(live, data, loader, world, progress)
+        loader.close()
         fingerprint = root.attrs["fingerprint"]
         for r in live:
             if r.active:
                 _guard(r, lambda: r.finish(fingerprint, len(manifests), root.attrs["teacher_size"]), len(live))
     finally:
+        loader.close()  # on an error too: the workers stop with the pass
         for r in live:
             r.log.close()
     if len(manifests) == 1 and live and live[0].error is not None:
@@ -523,7 +526,7 @@ def train_shared(manifests: list[Manifest], world: World | None = None, answers:
     return [r if isinstance(r, Exception) else (r.error or r.result) for r in runs]
 
 
-def _run_pass(runs: list[Run], data: TrainSet, world: World, progress: bool) -> None:
+def _run_pass(runs: list[Run], data: TrainSet, loader, world: World, progress: bool) -> None:
     steps, epochs = data.steps_per_epoch, data.m.student.epochs
     todo = [r for r in runs if r.active]
     if not todo:
@@ -540,7 +543,7 @@ def _run_pass(runs: list[Run], data: TrainSet, world: World, progress: bool) -> 
             if r.position.epoch < epoch:
                 r.progress.position = Position(r.position.step, epoch, 0)
         skip = min(r.position.batch for r in todo if r.position.epoch == epoch)
-        for index, batch in enumerate(data.loader(epoch, world.rank, skip), start=skip):
+        for index, batch in enumerate(loader.epoch(epoch, skip), start=skip):
             for r in todo:
                 if r.active:
                     before = r.position.step

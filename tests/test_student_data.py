@@ -389,3 +389,130 @@ def test_the_shuffle_buffer_holds_encoded_samples_and_renders_views_when_their_b
     for batch in [first, *rest]:
         for view, shard, pos in zip(batch["views"], batch["shard"].tolist(), batch["pos"].tolist()):
             assert (views.view_digest(view.numpy()) or 1) == int(digest[shard, pos])
+
+
+# --------------------------------------------------------------------------------------------- persistent workers
+
+
+def _assert_same_batches(got, want, label=""):
+    assert len(got) == len(want), label
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.keys() == b.keys(), (label, i)
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), (label, i, name)
+
+
+def test_worker_shares_add_up_to_the_epochs_steps(tiny_cache):
+    """Each loader worker derives its part of an epoch from (epoch, rank, skip) alone; the parts add up to the
+    epoch's steps (no batch made that the epoch does not use), from counts that equal the plans'."""
+    for world_size, workers in ((1, 3), (2, 2), (3, 1)):
+        data = open_train_set(tiny_cache.manifest(f"student.workers={workers}", "student.epochs=3"), tiny_cache.open(),
+                              world_size=world_size)
+        steps = data.steps_per_epoch
+        for epoch in range(3):
+            for rank in range(world_size):
+                assert data._worker_batches(epoch)[rank] == [p.batches for p in data.plan(epoch, rank)]
+                for skip in (0, 1, steps - 1, steps):
+                    parts = [data.share(epoch, rank, skip, w) for w in range(workers)]
+                    assert sum(stop - start for _, start, stop in parts) == steps - skip
+                    assert all(0 <= start <= stop <= plan.batches for plan, start, stop in parts)
+
+
+
+def _round_robin(plans, steps):
+    """(shard, pos) of each view of the first `steps` batches when every plan runs whole and the loader takes
+    one batch per worker in turn, a finished worker dropping out (the loader before workers stopped short)."""
+    queues = [[plan.items[plan.order[k * plan.batch_size:(k + 1) * plan.batch_size], :2].tolist()
+               for k in range(plan.batches)] for plan in plans]
+    out, worker = [], 0
+    while len(out) < steps:
+        if queues[worker]:
+            out.append(queues[worker].pop(0))
+        worker = (worker + 1) % len(queues)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_workers_that_stop_short_keep_the_order_of_workers_run_whole(tiny_cache):
+    data = open_train_set(tiny_cache.manifest("student.workers=2", "student.epochs=2"), tiny_cache.open(), world_size=2)
+    assert data._worker_batches(0)[0] == [4, 3] and data.steps_per_epoch == 6  # rank 0 stops a batch short
+    for rank in range(2):
+        got = [torch.stack([b["shard"], b["pos"]], 1).tolist() for b in _epoch(data, 0, rank)]
+        assert got == _round_robin(data.plan(0, rank), data.steps_per_epoch)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("world_size,workers", [(1, 3), (2, 2)])
+def test_persistent_workers_give_the_batches_of_workers_started_each_epoch(tiny_cache, world_size, workers):
+    """One loader for the run (workers started once, each epoch handed to them, the next epoch's first batch
+    begun ahead) yields bit for bit the batches of a loader started anew each epoch, over several epochs, for
+    every rank, including epochs whose ranks make more batches than the steps taken; resumed mid-epoch, it
+    continues exactly, and an epoch asked for out of turn is still right."""
+    import multiprocessing
+
+    epochs = 4
+    m = tiny_cache.manifest(f"student.workers={workers}", f"student.epochs={epochs}", "student.shuffle_buffer=24")
+    data = open_train_set(m, tiny_cache.open(), world_size=world_size)
+    steps = data.steps_per_epoch
+    if world_size == 2:  # some rank makes more batches than the steps in some epoch: its workers stop short
+        assert any(n > steps for e in range(epochs) for n in data._batches_per_rank(e))
+    for rank in range(world_size):
+        fresh = [_epoch(data, epoch, rank) for epoch in range(epochs)]
+        with data.open_loader(rank) as loader:
+            pids = []
+            for epoch in range(epochs):
+                _assert_same_batches(list(loader.epoch(epoch)), fresh[epoch], (rank, epoch))
+                pids.append({p.pid for p in multiprocessing.active_children()})
+            assert len(pids[0]) == workers and all(p == pids[0] for p in pids)  # the same workers every epoch
+        assert not multiprocessing.active_children()  # and they stopped with the loader
+        # a resumed run: its first epoch skips the batches done, the next ones start whole; out of turn too
+        skip = steps // 2 + 1
+        with data.open_loader(rank) as loader:
+            _assert_same_batches(list(loader.epoch(1, skip)), fresh[1][skip:], (rank, "resumed"))
+            _assert_same_batches(list(loader.epoch(2)), fresh[2], (rank, "after the resumed epoch"))
+            _assert_same_batches(list(loader.epoch(0)), fresh[0], (rank, "out of turn"))
+            assert list(loader.epoch(3, steps)) == []
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_the_next_epoch_is_begun_ahead_in_a_worker_and_handed_over(tiny_cache):
+    """In a worker, the next epoch's first batch is made in a thread once the current epoch's reading is done
+    (or at its last batches) and handed over when that epoch is asked for; another epoch asked for instead gets
+    its own batches. Run here in process, as one worker runs it."""
+    from pipeline import student_data
+
+    m = tiny_cache.manifest("student.epochs=3", "student.shuffle_buffer=16")
+    data = open_train_set(m, tiny_cache.open())
+    fresh = [_epoch(data, epoch) for epoch in range(3)]
+    where = torch.zeros(2, dtype=torch.int64)
+    views_ = student_data.StudentViews(data, 0, where, ahead=True)
+    taken = []
+    take = student_data._Ahead.take
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(student_data._Ahead, "take", lambda self: taken.append(self.key) or take(self))
+        _assert_same_batches(list(views_), fresh[0], "epoch 0")
+        assert views_._next is not None and views_._next.key == (1, 0, 0)
+        where[0] = 1
+        _assert_same_batches(list(views_), fresh[1], "epoch 1, begun ahead")
+        assert taken == [(1, 0, 0)] and views_._next.key == (2, 0, 0)
+        where[0] = 0  # not the epoch begun: it is dropped and epoch 0 made from its start
+        _assert_same_batches(list(views_), fresh[0], "epoch 0 again")
+        assert taken == [(1, 0, 0)]
+        where[0] = 2
+        batches = list(views_)
+        assert views_._next is None  # no epoch after the last
+    _assert_same_batches(batches, fresh[2], "epoch 2")
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_an_error_in_a_persistent_worker_stops_the_epoch_and_the_workers_stop(tiny_cache, cache_copy):
+    import multiprocessing
+
+    root = cache.open_cache(str(cache_copy), mode="r+")
+    root["train"]["digest"][0, 0, 7] = 0
+    data = open_train_set(tiny_cache.manifest(f"cache.path={cache_copy}", "student.workers=2"), root)
+    with pytest.raises(cache.CacheError, match=r"shard 0 \(.*part-000000.tar\) position 7 has a label but no view"):
+        with data.open_loader(0) as loader:
+            for epoch in range(2):
+                list(loader.epoch(epoch))
+    assert not multiprocessing.active_children()

@@ -127,6 +127,46 @@ def test_resume_from_an_epoch_end_checkpoint(tiny_cache, tmp_path):
     assert resumed["top1_joint"] == expected["top1_joint"]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create", "ignore:student.epochs=3 exceeds")
+def test_persistent_loader_workers_resume_mid_epoch_with_identical_losses(tiny_cache, tmp_path, monkeypatch):
+    """With loader workers the run keeps them for all its epochs (persistent, each epoch's first batch begun
+    ahead); its losses equal those of a run whose workers start anew each epoch, a run stopped mid-epoch by an
+    error stops its workers, and resumed it continues with identical losses."""
+    import multiprocessing
+
+    from pipeline.student_data import TrainSet
+
+    overrides = ("student.workers=2", "student.epochs=3", "student.ckpt_every=5")
+    whole = train(tiny_cache.manifest(*overrides, run_dir=tmp_path / "whole"), progress=False)
+    steps = whole["steps_per_epoch"]
+    assert not multiprocessing.active_children()
+
+    open_loader = TrainSet.open_loader
+    with monkeypatch.context() as patch:  # the loader of every epoch started anew, as before persistent workers
+        patch.setattr(TrainSet, "open_loader", lambda self, rank: open_loader(self, rank, persistent=False))
+        train(tiny_cache.manifest(*overrides, run_dir=tmp_path / "restarted"), progress=False)
+    assert _losses(tmp_path / "restarted") == _losses(tmp_path / "whole")
+
+    cached = cached_answers(torch.device("cpu"))
+    calls = []
+
+    def crash_mid_epoch_1(batch):
+        calls.append(1)
+        if len(calls) == steps + 8:
+            raise KeyboardInterrupt
+        return cached(batch)
+
+    crashed = tiny_cache.manifest(*overrides, run_dir=tmp_path / "crashed")
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed, answers=crash_mid_epoch_1, progress=False)
+    assert not multiprocessing.active_children()  # the workers stopped with the error
+    position = torch.load(tmp_path / "crashed" / "last.pth", weights_only=True)["position"]
+    assert position["epoch"] == 1 and 0 < position["batch"] < steps  # resumed mid-epoch
+    train(crashed, progress=False)
+    assert _losses(tmp_path / "crashed") == _losses(tmp_path / "whole")
+    assert len(_records(tmp_path / "crashed")) == 3 * steps
+
+
 def test_resume_refuses_a_changed_run_spec(tiny_cache, tmp_path):
     train(tiny_cache.manifest("student.epochs=1", run_dir=tmp_path), progress=False)
     with pytest.raises(ManifestError, match=r"last.pth is a checkpoint of another run: student.optim.lr was "
