@@ -20,8 +20,7 @@ from PIL import Image
 
 from pipeline import cache, views
 from pipeline.manifest import ViewsCfg, from_dict
-from pipeline.reader import read_shard
-from pipeline.shards import ShardList
+from pipeline.reader import ShardList, read_shard
 
 
 @dataclass(frozen=True, slots=True)

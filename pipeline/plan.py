@@ -29,7 +29,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from pipeline import cache, views
 from pipeline.losses import sparse_teacher_answers
 from pipeline.manifest import Manifest
-from pipeline.shards import ShardList, load_shardlist
+from pipeline.reader import ShardList
+from pipeline.shards import load_shardlist
 from pipeline.teacher import Teacher, create_model
 from pipeline.teacher_cache import forward, layouts_for, pick_device
 

@@ -33,8 +33,8 @@ from pipeline import cache, storage, views
 from pipeline.lock import writer_lock
 from pipeline.losses import sparse_teacher_answers
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.reader import read_shard, scan_shard
-from pipeline.shards import ShardList, data_shardlist, warn_if_class_ordered
+from pipeline.reader import ShardList, read_shard, scan_shard
+from pipeline.shards import data_shardlist, warn_if_class_ordered
 from pipeline.teacher import Teacher, load_teacher, normalize
 
 VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy")
