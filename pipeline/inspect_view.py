@@ -19,7 +19,8 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from pipeline import cache, views
-from pipeline.manifest import ViewsCfg, from_dict
+from pipeline.manifest import ViewsCfg
+from pipeline.manifest_loader import from_dict
 from pipeline.reader import ShardList, read_shard
 
 

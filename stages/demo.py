@@ -16,7 +16,8 @@ import click
 import yaml
 
 from pipeline.cli import manifest_options
-from pipeline.manifest import from_dict, parse_override, to_dict
+from pipeline.manifest import to_dict
+from pipeline.manifest_loader import from_dict, parse_override
 
 MODES = ("none", "soft", "hard")
 

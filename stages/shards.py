@@ -4,7 +4,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.manifest import ManifestError, load
+from pipeline.manifest import ManifestError
+from pipeline.manifest_loader import load
 
 # pipeline.shards and pipeline.reader (webdataset, so torch) are imported inside the commands: --help stays instant
 

@@ -1,5 +1,5 @@
 """Bad manifests: each mistake stops the run with an error that names the field and the fix, before any cache
-is touched. Loading goes through `pipeline.manifest.load`; the checks that need the data or the teacher
+is touched. Loading goes through `pipeline.manifest_loader.load`; the checks that need the data or the teacher
 (K against the class count, the teacher checkpoint) run at the start of `teacher-cache`."""
 
 import os
@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from fault_script import tiny_overrides
 from pipeline.cli import main
-from pipeline.manifest import ManifestError, load
+from pipeline.manifest import ManifestError
+from pipeline.manifest_loader import load
 from pipeline.teacher import TeacherError
 from pipeline.teacher_cache import run as fill_cache
 
