@@ -27,12 +27,12 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pipeline import cache, views
+from pipeline.cache import layouts_for
 from pipeline.losses import sparse_teacher_answers
 from pipeline.manifest import Manifest
 from pipeline.reader import ShardList
 from pipeline.shards import load_shardlist
-from pipeline.teacher import Teacher, create_model
-from pipeline.teacher_cache import forward, layouts_for, pick_device
+from pipeline.teacher import Teacher, create_model, forward, pick_device
 
 MEASURED_POSITIONS = 1000  # positions per shard of the measured unit, at most
 TIMED_BATCH = 8  # views per timed teacher forward (the device's batch cost is extrapolated per view)

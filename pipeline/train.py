@@ -43,6 +43,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
 from pipeline import cache, views
+from pipeline.cache import cache_attrs, library_versions
 from pipeline.checkpoint import BEST, LAST, CheckpointError, Checkpointer, Position, Progress
 from pipeline.distributed import World
 from pipeline.evaluate import Evaluator
@@ -53,8 +54,7 @@ from pipeline.shards import data_shardlist
 from pipeline.student import Student, create_student
 from pipeline.student_data import (CACHED_FIELDS, TrainSet, check_complete, check_fingerprint, open_train_set,
                                    student_views, verify_views, warn_if_cycling)
-from pipeline.teacher import Teacher, load_teacher, normalize, teacher_identity
-from pipeline.teacher_cache import cache_attrs, forward, library_versions
+from pipeline.teacher import Teacher, forward, load_teacher, normalize, teacher_identity
 
 CHECKPOINT = LAST
 RESULT = "result.json"
