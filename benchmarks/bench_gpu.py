@@ -251,7 +251,7 @@ def student_synthetic(s: Settings, m) -> dict:
 
     device = torch.device(s.device)
     world = World(0, 1, None)
-    learner = build_learner(m, 100, CLASSES, cached_answers(device), device, world)
+    learner = build_learner(m.student, 100, CLASSES, cached_answers(device), device, world)
     learner.wrap(world)
     batch = _synthetic_batch(m.student.batch_size, pin=device.type == "cuda")
     step = iter(range(1, 10**9))
