@@ -146,6 +146,17 @@ def test_a_number_out_of_range_names_the_key_the_range_and_the_set_that_gave_it(
     assert ": set it to a valid value (default " in str(e.value) or "ema" in override  # ema's default is None
 
 
+@pytest.mark.parametrize("sets, message", [
+    (["views.randaugment.spec=rand-m9-n5"], "views.randaugment.spec='rand-m9-n5': section 'n5' asks for 5 ops"),
+    (["views.mix.mixup_alpha=0", "views.mix.cutmix_alpha=0"],
+     "views.mix is enabled but views.mix.mixup_alpha and views.mix.cutmix_alpha are both 0"),
+    (["views.crop.ratio=[2, 1]"], "views.crop.ratio=[2.0, 1.0] must satisfy 0 < min <= max"),
+])
+def test_the_view_recipes_own_checks_refuse_a_manifest_when_it_is_loaded(sets, message):
+    with pytest.raises(ManifestError, match=re.escape(f"{TINY} with --set {' '.join(sets)}: {message}")):
+        load(TINY, sets)
+
+
 def test_a_number_out_of_range_in_the_file_is_blamed_on_the_file(tmp_path):
     path = _manifest_file(tmp_path, lambda d: d["student"].update(patch_size=0))
     with pytest.raises(ManifestError, match=rf"^{re.escape(str(path))}: student.patch_size=0 must be >= 1"):
