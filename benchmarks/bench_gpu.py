@@ -6,7 +6,7 @@ Measures, each on its own so that one failure still reports the others:
 
 - `teacher_forward`: views/s of RegNetY-16GF (`regnety_160`, random weights, 1000 classes) at 224 px on a
   uint8 batch already on the device: normalise, channels_last, bf16 autocast, inference mode (optionally
-  `torch.compile`d): the ceiling of stage 1. Also `teacher_cache.forward` (the stage's own forward, from a
+  `torch.compile`d): the ceiling of stage 1. Also `teacher.forward` (the stage's own forward, from a
   CPU batch, logits back to the host) on the same batch.
 - `teacher_cache`: views/s of stage 1 (`teacher_cache.run`) over generated ImageNet-like JPEG shards with
   DeiT's recipe and the same teacher, against the two forwards above.
@@ -123,15 +123,14 @@ def teacher_forward(s: Settings, work: Path) -> dict:
         out["compiled_views_per_s"] = s.teacher_batch / _timed(run(compiled), s.forward_iters)
     out["views_per_s"] = max(out["eager_views_per_s"], out.get("compiled_views_per_s", 0.0))
     try:  # the stage's own forward: from a CPU uint8 batch, logits back on the host
-        from pipeline import teacher_cache
         from pipeline.manifest import TeacherCfg
-        from pipeline.teacher import load_teacher
+        from pipeline.teacher import forward, load_teacher
 
         teacher = load_teacher(TeacherCfg(model=TEACHER, checkpoint=str(work / "teacher.pt"), img_size=SIZE),
                                CLASSES, device)
         cpu_views = views_u8.cpu().pin_memory() if device.type == "cuda" else views_u8
         out["stage_forward_views_per_s"] = s.teacher_batch / _timed(
-            lambda: teacher_cache.forward(teacher, cpu_views, device), s.forward_iters)
+            lambda: forward(teacher, cpu_views, device), s.forward_iters)
     except Exception as e:
         out["stage_forward_error"] = f"{type(e).__name__}: {e}"
     return out
@@ -252,7 +251,7 @@ def student_synthetic(s: Settings, m) -> dict:
 
     device = torch.device(s.device)
     world = World(0, 1, None)
-    learner = build_learner(m, 100, CLASSES, cached_answers(device), device, world)
+    learner = build_learner(m.student, 100, CLASSES, cached_answers(device), device, world)
     learner.wrap(world)
     batch = _synthetic_batch(m.student.batch_size, pin=device.type == "cuda")
     step = iter(range(1, 10**9))

@@ -56,6 +56,7 @@ from pipeline.manifest import Manifest
 from pipeline.reader import read_shard
 from pipeline.shards import load_shardlist
 from pipeline.student_data import EncodedImages
+from pipeline.teacher import pick_device
 
 STUDENT = "deit_tiny_distilled_patch16_224"
 CLASSES = 1000
@@ -380,7 +381,7 @@ def per_view(shardlist_path: str, count: int, reps: int) -> dict:
 
 def measure(work: Path, photo_dir: Path, quick: bool, device: str = "cpu") -> dict:
     setup = QUICK if quick else FULL
-    torch_device = teacher_cache.pick_device(device)
+    torch_device = pick_device(device)
     work.mkdir(parents=True, exist_ok=True)
     kind = "quick" if quick else "full"
     photos = write_photo_shards(photo_dir / f"{kind}-replay", setup.photos, setup.photo_shard, CLASSES, seed=0,

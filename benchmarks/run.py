@@ -33,6 +33,7 @@ from benchmarks.markdown import table
 from benchmarks.settings import bench_manifest, machine, settings
 from pipeline import teacher_cache
 from pipeline.manifest import Manifest
+from pipeline.teacher import pick_device
 
 SECTIONS = ("deit_224", "storage", "cache_read", "view_replay", "cache_stage", "student", "sweep_pass")
 REPORT_ORDER = ("deit_224", "student", "sweep_pass", "cache_stage", "cache_read", "storage", "view_replay")
@@ -67,7 +68,7 @@ def run(out: str | Path, quick: bool = False, markdown: str | Path | None = None
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    torch_device = teacher_cache.pick_device(device)
+    torch_device = pick_device(device)
     results = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "quick": quick, "machine": machine(torch_device), "settings": dataclasses.asdict(s),
                "sections": {}, "seconds": {}, "markdown": {}}

@@ -17,7 +17,7 @@ from benchmarks.timing import PhaseTimer, interleave, summary
 from pipeline import cache, teacher_cache, views
 from pipeline.manifest import Manifest
 from pipeline.shards import load_shardlist
-from pipeline.teacher import load_teacher
+from pipeline.teacher import forward, load_teacher, pick_device
 
 
 def _sync(device: torch.device) -> None:
@@ -38,11 +38,11 @@ STAGE_PHASES = {
 def teacher_alone(teacher, views_u8: torch.Tensor, count: int, device: torch.device) -> float:
     """views/s of the teacher's forward on a pre-made uint8 batch, over about `count` views."""
     batches = max(1, -(-count // len(views_u8)))
-    teacher_cache.forward(teacher, views_u8, device)  # warm-up
+    forward(teacher, views_u8, device)  # warm-up
     _sync(device)
     start = time.perf_counter()
     for _ in range(batches):
-        teacher_cache.forward(teacher, views_u8, device)
+        forward(teacher, views_u8, device)
     _sync(device)
     return batches * len(views_u8) / (time.perf_counter() - start)
 
@@ -50,7 +50,7 @@ def teacher_alone(teacher, views_u8: torch.Tensor, count: int, device: torch.dev
 def measure(work: Path, m: Manifest, s: Settings) -> dict:
     """Stage 1 into a fresh cache per repetition, against the teacher's forward alone on the same number of
     views in batches of cache.batch_size. Leaves the first repetition's cache at m.cache.path."""
-    device = teacher_cache.pick_device(m.cache.device)
+    device = pick_device(m.cache.device)
     train, val = load_shardlist(m.data.train), load_shardlist(m.data.val)
     teacher = load_teacher(m.teacher, len(train.classes), device)
     total = m.cache.epochs * train.num_samples + val.num_samples
@@ -86,7 +86,7 @@ def markdown(cs: dict) -> list[str]:
         "view_params": "drawing the view parameters (`views.sample_params`)",
         "render": "rendering the views from them (`views.render_unmixed` and `views.mix`, `views.eval_view` for val)",
         "digest": "hashing each uint8 view (`views.view_digest`)",
-        "teacher": "the teacher's forward (`teacher_cache.forward`)",
+        "teacher": "the teacher's forward (`teacher.forward`)",
         "write": "writing and fsyncing the unit (`cache.write_unit`)",
         "other": "the rest: top-K, collation, buffers, loop",
     }
@@ -94,7 +94,7 @@ def markdown(cs: dict) -> list[str]:
     eff = cs["efficiency"]
     return (["## 2. Cache stage efficiency", "",
              f"`teacher_cache.run` ({cs['views_per_run']} views per run: one train epoch and the val split, batch "
-             f"{cs['batch_size']}, loader workers {cs['workers']}, {cs['device']}) against `teacher_cache.forward` "
+             f"{cs['batch_size']}, loader workers {cs['workers']}, {cs['device']}) against `teacher.forward` "
              f"alone on a pre-made uint8 batch of the same shape.", ""]
             + table(["run", "views/s", "interpretation"], [
                 ["teacher-cache", num(cs["stage"]["median"]),

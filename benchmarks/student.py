@@ -16,13 +16,12 @@ import torch
 from benchmarks.markdown import met, num, table
 from benchmarks.settings import Settings
 from benchmarks.timing import interleave, seconds_per_call, summary
-from pipeline import teacher_cache
 from pipeline.distributed import World
 from pipeline.losses import deit_loss, mixed_target
 from pipeline.manifest import Manifest
 from pipeline.shards import load_shardlist
 from pipeline.student import create_student
-from pipeline.teacher import load_teacher, normalize
+from pipeline.teacher import forward, load_teacher, normalize, pick_device
 
 
 def model_steps(m: Manifest, s: Settings, device: torch.device) -> dict[str, Callable[[], float]]:
@@ -60,7 +59,7 @@ def model_steps(m: Manifest, s: Settings, device: torch.device) -> dict[str, Cal
         return lambda: seconds_per_call(fn, s.model_batches) / b
 
     return {"student_step_s": per_image(step),
-            "teacher_forward_s": per_image(lambda: teacher_cache.forward(teacher, teacher_u8, device))}
+            "teacher_forward_s": per_image(lambda: forward(teacher, teacher_u8, device))}
 
 
 def _loop_rate(run_dir: Path) -> float:
@@ -81,7 +80,7 @@ def measure(work: Path, m: Manifest, s: Settings) -> dict:
     ratios of the medians over the repetitions."""
     from pipeline.train import train
 
-    device = teacher_cache.pick_device(m.student.device)
+    device = pick_device(m.student.device)
     modes = {"no_distillation": ("none", "cache"), "cached": (m.student.distillation, "cache"),
              "online": (m.student.distillation, "online")}
     counter = iter(range(10**6))

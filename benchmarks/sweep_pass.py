@@ -31,7 +31,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from pipeline import cache
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.shards import build_shardlist, write_digits
 from pipeline.student_data import open_train_set
 from pipeline.teacher_cache import run as fill_cache

@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import math
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 from zarr.core.sync import sync
 
 from pipeline import views
+from pipeline.manifest import Manifest, ManifestError
+from pipeline.reader import ShardList
 
 SCHEMA = "distill-cache/3"
 SPLITS = ("train", "val")
@@ -251,6 +255,55 @@ def _jsonable(value: Any) -> Any:
 def _short(value: Any, limit: int = 200) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --------------------------------------------------------------------------------------------- attributes
+
+
+VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in VERSIONED}
+
+
+def cache_attrs(m: Manifest, train: ShardList, val: ShardList, teacher_identity: dict) -> dict:
+    """The self-describing attributes; the fingerprint covers what the cached numbers mean."""
+    attrs = {
+        "seed": m.views.seed,
+        "top_k": m.cache.top_k,
+        "recipe": views.recipe(m.views),
+        "teacher": teacher_identity,
+        "classes": list(train.classes),
+        "shards": {name: [[Path(s.url).name, s.samples, s.sha256] for s in lst.shards]
+                   for name, lst in (("train", train), ("val", val))},
+        "teacher_size": m.teacher.img_size,
+        "shards_per_unit": m.cache.shards_per_unit,
+        "tail_samples": m.cache.tail_samples,
+        "param_fields": list(views.PARAM_FIELDS),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    attrs["fingerprint"] = fingerprint(attrs)
+    return attrs
+
+
+def layouts_for(m: Manifest, train: ShardList, val: ShardList) -> dict[str, CacheLayout]:
+    num_classes = len(train.classes)
+    if m.cache.tail_samples < 0 or (m.cache.tail_samples and m.cache.top_k == num_classes):
+        raise ManifestError(f"cache.tail_samples={m.cache.tail_samples} must be >= 0, and 0 when cache.top_k equals "
+                            f"the {num_classes} classes (there is no tail to sample)")
+    if m.cache.top_k > num_classes:
+        raise ManifestError(f"cache.top_k={m.cache.top_k} exceeds the {num_classes} classes of {m.data.train}: "
+                            f"set cache.top_k <= {num_classes}")
+    common = dict(top_k=m.cache.top_k, num_classes=num_classes, shards_per_unit=m.cache.shards_per_unit)
+    return {
+        "train": CacheLayout(shards=len(train.shards), positions=max(s.samples for s in train.shards),
+                             n_params=views.N_PARAMS, epochs=m.cache.epochs,
+                             tail_samples=m.cache.tail_samples, **common),
+        "val": CacheLayout(shards=len(val.shards), positions=max(s.samples for s in val.shards),
+                           n_params=0, epochs=None, **common),
+    }
 
 
 def open_cache(path: str, mode: str = "r") -> zarr.Group:

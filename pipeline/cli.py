@@ -81,7 +81,8 @@ def manifest_options(fn):
                   help="Override a manifest field, e.g. --set student.alpha=0.5 (repeatable).")
     @functools.wraps(fn)
     def wrapper(manifest_path, overrides, **kwargs):
-        from pipeline.manifest import ManifestError, load
+        from pipeline.manifest import ManifestError
+        from pipeline.manifest_loader import load
 
         try:
             m = load(manifest_path, overrides)

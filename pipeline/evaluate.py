@@ -16,8 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline import cache, views
 from pipeline.manifest import Manifest
-from pipeline.reader import dataloader_worker, read_shard
-from pipeline.shards import ShardList
+from pipeline.reader import ShardList, dataloader_worker, read_shard
 from pipeline.student import Student, heads
 from pipeline.teacher import normalize
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from pipeline import views
-from pipeline.manifest import TeacherCfg, from_dict
+from pipeline.manifest import TeacherCfg
+from pipeline.manifest_loader import from_dict
 from pipeline.reader import read_shard
 from pipeline.shards import load_shardlist
 from pipeline.student import create_student, heads

@@ -19,9 +19,9 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from pipeline import cache, views
-from pipeline.manifest import ViewsCfg, from_dict
-from pipeline.reader import read_shard
-from pipeline.shards import ShardList
+from pipeline.manifest import ViewsCfg
+from pipeline.manifest_loader import from_dict
+from pipeline.reader import ShardList, read_shard
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,11 +27,12 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pipeline import cache, views
+from pipeline.cache import layouts_for
 from pipeline.losses import sparse_teacher_answers
-from pipeline.manifest import Manifest
-from pipeline.shards import ShardList, load_shardlist
-from pipeline.teacher import Teacher, create_model
-from pipeline.teacher_cache import forward, layouts_for, pick_device
+from pipeline.manifest import Manifest, TeacherCfg
+from pipeline.reader import ShardList
+from pipeline.shards import load_shardlist
+from pipeline.teacher import Teacher, create_model, forward, pick_device
 
 MEASURED_POSITIONS = 1000  # positions per shard of the measured unit, at most
 TIMED_BATCH = 8  # views per timed teacher forward (the device's batch cost is extrapolated per view)
@@ -77,7 +78,7 @@ def make_plan(m: Manifest, time_teacher: bool = True) -> Plan:
     if time_teacher:
         device = pick_device(m.cache.device)
         plan.device = str(device)
-        plan.seconds_per_view = time_teacher_forward(m, len(lists["train"].classes), device)
+        plan.seconds_per_view = time_teacher_forward(m.teacher, len(lists["train"].classes), device)
     return plan
 
 
@@ -162,12 +163,12 @@ def _block_size(path: str) -> int:
         return 4096
 
 
-def time_teacher_forward(m: Manifest, num_classes: int, device: torch.device, batches: int = 2) -> float:
+def time_teacher_forward(cfg: TeacherCfg, num_classes: int, device: torch.device, batches: int = 2) -> float:
     """Seconds per view of the teacher's forward: the architecture with random weights, TIMED_BATCH views at
     the teacher's size, one warm-up batch, the median of `batches`."""
-    model = create_model(m.teacher, num_classes).to(device).eval()
+    model = create_model(cfg, num_classes).to(device).eval()
     teacher = Teacher(model=model, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875, identity={})
-    x = torch.randint(0, 256, (TIMED_BATCH, m.teacher.img_size, m.teacher.img_size, 3), dtype=torch.uint8)
+    x = torch.randint(0, 256, (TIMED_BATCH, cfg.img_size, cfg.img_size, 3), dtype=torch.uint8)
     forward(teacher, x, device)
     times = []
     for _ in range(batches):

@@ -24,7 +24,7 @@ import math
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -32,9 +32,6 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from pipeline import storage
-
-if TYPE_CHECKING:
-    from pipeline.shards import ShardList
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 ON_ERROR = ("raise", "skip")
@@ -53,6 +50,25 @@ class Sample:
     image: Image.Image | bytes  # RGB image, or the raw member bytes when read with decode=False
     label: int
     padded: bool = False  # a repeat that only evens out rank counts (see plan_epoch)
+
+
+class ShardEntry(NamedTuple):
+    url: str  # resolved: a local path or a URL gopen opens
+    samples: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShardList:
+    """The shards to read, as a shard list names them (`pipeline.shards` reads, writes and checks the file)."""
+
+    path: str
+    classes: tuple[str, ...]
+    shards: tuple[ShardEntry, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
 
 
 class Span(NamedTuple):

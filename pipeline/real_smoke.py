@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline import cache
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 
 NUM_CLASSES = 1000  # ImageNet-1k's class map
 USED_CLASSES = range(0, NUM_CLASSES, 20)  # 50 classes spread over the map: ids up to 980, so K < C and ids > 255

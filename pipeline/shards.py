@@ -20,9 +20,8 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 from urllib.parse import urlparse
 
 import numpy as np
@@ -32,30 +31,13 @@ from webdataset import TarWriter
 from webdataset.shardlists import expand_urls
 
 from pipeline import storage
-from pipeline.reader import IMAGE_SUFFIXES, ShardError, scan_shard
+from pipeline.reader import IMAGE_SUFFIXES, ShardEntry, ShardError, ShardList, scan_shard
 
 SHARDLIST_FORMAT = "distill-shardlist/1"
 SHARDLIST_NAME = "shardlist.json"
 CLASS_MAP_NAME = "class_map.json"
 DIGITS_VAL_SIZE = 300
 DIGITS_SIZE = 32  # the 8x8 digits are upscaled 4x with nearest-neighbour, so every pixel stays a source value
-
-
-class ShardEntry(NamedTuple):
-    url: str  # resolved: a local path or a URL gopen opens
-    samples: int
-    sha256: str
-
-
-@dataclass(frozen=True, slots=True)
-class ShardList:
-    path: str
-    classes: tuple[str, ...]
-    shards: tuple[ShardEntry, ...]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
 
 
 # --------------------------------------------------------------------------------------------- files

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from pipeline import cache, views
 from pipeline.losses import sparse_teacher_log_probs
-from pipeline.manifest import ManifestError, from_dict
+from pipeline.manifest import ManifestError
+from pipeline.manifest_loader import from_dict
 from pipeline.reader import read_shard
 from pipeline.shards import data_shardlist
 from pipeline.student import create_student, heads

@@ -48,10 +48,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline import cache, views
+from pipeline.cache import library_versions
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.reader import Span, dataloader_worker, plan_epoch, read_shard
-from pipeline.shards import ShardList, data_shardlist
-from pipeline.teacher_cache import library_versions
+from pipeline.reader import ShardList, Span, dataloader_worker, plan_epoch, read_shard
+from pipeline.shards import data_shardlist
 
 log = logging.getLogger(__name__)
 

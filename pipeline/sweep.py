@@ -11,8 +11,8 @@ A sweep file (YAML, loaded strictly)::
       - {student.distillation: none}
 
 Keys are the manifest's dotted keys under `student.` (a sweep varies the student; the teacher, the views and
-the cache stay those of the one cache every run reads), applied through `pipeline.manifest`'s overrides, so
-a wrong key or value stops the sweep before anything runs. A run is named after its own overrides
+the cache stay those of the one cache every run reads), applied through `pipeline.manifest_loader`'s overrides,
+so a wrong key or value stops the sweep before anything runs. A run is named after its own overrides
 (`distillation=hard,alpha=0.5`) and trains in `<sweep dir>/<run name>` (sweep dir: `runs/sweeps/<name>`).
 
 One data pass for many students. Runs whose batches are identical (same cache, views, student img_size,
@@ -54,7 +54,8 @@ import yaml
 from tqdm import tqdm
 
 from pipeline import cache
-from pipeline.manifest import Manifest, ManifestError, load, read_yaml_mapping, to_dict
+from pipeline.manifest import Manifest, ManifestError, to_dict
+from pipeline.manifest_loader import load, read_yaml_mapping
 from pipeline.student_data import first_difference
 # loads torch and timm once, before any fork
 from pipeline.train import CHECKPOINT, ERROR, RESULT, RESUMABLE_CHANGES, pass_key, train_shared

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.manifest import TeacherCfg
+from pipeline.manifest import ManifestError, TeacherCfg
 
 
 class TeacherError(RuntimeError):
@@ -186,6 +186,25 @@ def normalize(views_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ManifestError("cache.device=cuda but no CUDA device is visible: set it to auto or cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def forward(teacher: Teacher, views_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The teacher's float32 logits [b, C] for uint8 views [b, H, W, 3], left on `device`."""
+    x = normalize(views_u8.to(device, non_blocking=True), teacher.mean, teacher.std)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return teacher.model(x).float()
+    return teacher.model(x).float()
 
 
 def decode_split(shardlist_path: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:

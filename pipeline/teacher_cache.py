@@ -16,13 +16,10 @@ same code runs with the CUDA-only parts (pinning, autocast, channels-last) off.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,18 +27,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline import cache, storage, views
+from pipeline.cache import cache_attrs, layouts_for
 from pipeline.lock import writer_lock
 from pipeline.losses import sparse_teacher_answers
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.reader import read_shard, scan_shard
-from pipeline.shards import ShardList, data_shardlist, warn_if_class_ordered
-from pipeline.teacher import Teacher, load_teacher, normalize
-
-VERSIONED = ("torch", "torchvision", "timm", "pillow", "numpy")
-
-
-def library_versions() -> dict[str, str]:
-    return {name: importlib.metadata.version(name) for name in VERSIONED}
+from pipeline.reader import ShardList, read_shard, scan_shard
+from pipeline.shards import data_shardlist, warn_if_class_ordered
+from pipeline.teacher import Teacher, forward, load_teacher, pick_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,45 +50,6 @@ def all_units(layouts: dict[str, cache.CacheLayout]) -> list[Unit]:
     train = layouts["train"]
     units += [Unit("train", e, g) for e in range(train.epochs) for g in range(train.groups)]
     return units
-
-
-def cache_attrs(m: Manifest, train: ShardList, val: ShardList, teacher_identity: dict) -> dict:
-    """The self-describing attributes; the fingerprint covers what the cached numbers mean."""
-    attrs = {
-        "seed": m.views.seed,
-        "top_k": m.cache.top_k,
-        "recipe": views.recipe(m.views),
-        "teacher": teacher_identity,
-        "classes": list(train.classes),
-        "shards": {name: [[Path(s.url).name, s.samples, s.sha256] for s in lst.shards]
-                   for name, lst in (("train", train), ("val", val))},
-        "teacher_size": m.teacher.img_size,
-        "shards_per_unit": m.cache.shards_per_unit,
-        "tail_samples": m.cache.tail_samples,
-        "param_fields": list(views.PARAM_FIELDS),
-        "versions": library_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    attrs["fingerprint"] = cache.fingerprint(attrs)
-    return attrs
-
-
-def layouts_for(m: Manifest, train: ShardList, val: ShardList) -> dict[str, cache.CacheLayout]:
-    num_classes = len(train.classes)
-    if m.cache.tail_samples < 0 or (m.cache.tail_samples and m.cache.top_k == num_classes):
-        raise ManifestError(f"cache.tail_samples={m.cache.tail_samples} must be >= 0, and 0 when cache.top_k equals "
-                            f"the {num_classes} classes (there is no tail to sample)")
-    if m.cache.top_k > num_classes:
-        raise ManifestError(f"cache.top_k={m.cache.top_k} exceeds the {num_classes} classes of {m.data.train}: "
-                            f"set cache.top_k <= {num_classes}")
-    common = dict(top_k=m.cache.top_k, num_classes=num_classes, shards_per_unit=m.cache.shards_per_unit)
-    return {
-        "train": cache.CacheLayout(shards=len(train.shards), positions=max(s.samples for s in train.shards),
-                                   n_params=views.N_PARAMS, epochs=m.cache.epochs,
-                                   tail_samples=m.cache.tail_samples, **common),
-        "val": cache.CacheLayout(shards=len(val.shards), positions=max(s.samples for s in val.shards),
-                                 n_params=0, epochs=None, **common),
-    }
 
 
 class UnitViews(IterableDataset):
@@ -273,14 +226,6 @@ class UnitBuffers:
         return unit
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ManifestError("cache.device=cuda but no CUDA device is visible: set it to auto or cpu")
-    return torch.device(name)
-
-
 def run(m: Manifest, rank: int = 0, world_size: int = 1, barrier=None, progress: bool = True) -> dict:
     """Fill the cache for this rank's units, holding the writer lock of (cache, rank, world size) so a second
     writer started by mistake stops before touching it (`pipeline.lock`). `barrier` (a callable) syncs ranks
@@ -335,17 +280,6 @@ def _fill(m: Manifest, rank: int, world_size: int, barrier, progress: bool) -> d
     seconds = time.time() - started
     return {"path": m.cache.path, "units_written": written, "units_skipped": len(mine) - len(todo),
             "views": total, "seconds": seconds, "views_per_s": total / seconds if seconds else 0.0}
-
-
-@torch.inference_mode()
-def forward(teacher: Teacher, views_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The teacher's float32 logits [b, C] for uint8 views [b, H, W, 3], left on `device`."""
-    x = normalize(views_u8.to(device, non_blocking=True), teacher.mean, teacher.std)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return teacher.model(x).float()
-    return teacher.model(x).float()
 
 
 @torch.inference_mode()

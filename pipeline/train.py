@@ -43,6 +43,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
 from pipeline import cache, views
+from pipeline.cache import cache_attrs, library_versions
 from pipeline.checkpoint import BEST, LAST, CheckpointError, Checkpointer, Position, Progress
 from pipeline.distributed import World
 from pipeline.evaluate import Evaluator
@@ -53,8 +54,7 @@ from pipeline.shards import data_shardlist
 from pipeline.student import Student, create_student
 from pipeline.student_data import (CACHED_FIELDS, TrainSet, check_complete, check_fingerprint, open_train_set,
                                    student_views, verify_views, warn_if_cycling)
-from pipeline.teacher import Teacher, load_teacher, normalize, teacher_identity
-from pipeline.teacher_cache import cache_attrs, forward, library_versions
+from pipeline.teacher import Teacher, forward, load_teacher, normalize, teacher_identity
 
 CHECKPOINT = LAST
 RESULT = "result.json"
@@ -231,11 +231,10 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def build_learner(m: Manifest, steps_per_epoch: int, num_classes: int, answers: Answers, device: torch.device,
+def build_learner(s: StudentCfg, steps_per_epoch: int, num_classes: int, answers: Answers, device: torch.device,
                   world: World, inputs: BatchInputs | None = None) -> Learner:
     """The student, timm's AdamW (lr = optim.lr x global batch / optim.lr_batch) and its warmup + cosine
     schedule stepped per update, and the EMA when student.ema is set."""
-    s = m.student
     torch.manual_seed(s.seed)
     student = create_student(s, num_classes)
     model = student.model.to(device)
@@ -306,9 +305,9 @@ def check_chunks(root, data: TrainSet) -> int:
     return units
 
 
-def resume_spec(m: Manifest, fingerprint: str, world: World, steps_per_epoch: int) -> dict:
+def resume_spec(s: StudentCfg, fingerprint: str, world: World, steps_per_epoch: int) -> dict:
     """What must not change between a run and its resume."""
-    student = {k: v for k, v in to_dict(m.student).items() if k not in RESUMABLE_CHANGES}
+    student = {k: v for k, v in to_dict(s).items() if k not in RESUMABLE_CHANGES}
     return {"student": student, "cache": fingerprint, "world_size": world.size, "steps_per_epoch": steps_per_epoch}
 
 
@@ -441,11 +440,11 @@ def _prepare(m: Manifest, data: TrainSet, root, answers: Answers, device: torch.
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ERROR).unlink(missing_ok=True)
     steps = data.steps_per_epoch
-    learner = build_learner(m, steps, data.num_classes, answers, device, world, inputs)
+    learner = build_learner(s, steps, data.num_classes, answers, device, world, inputs)
     if world.rank == 0 and (noise := views.erasing_noise_warning(m.views, learner.student.mean, learner.student.std,
                                                                   f"student {s.model}")):
         warnings.warn(noise, stacklevel=2)
-    spec = resume_spec(m, root.attrs["fingerprint"], world, steps)
+    spec = resume_spec(s, root.attrs["fingerprint"], world, steps)
     checkpointer = Checkpointer(run_dir, s.ckpt_every, spec, world.rank, s.model)
     progress = checkpointer.restore(learner)
     done = progress.position.step == steps * s.epochs and (run_dir / RESULT).is_file()

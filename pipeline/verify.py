@@ -37,12 +37,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline import cache, views
+from pipeline.cache import cache_attrs, library_versions
 from pipeline.manifest import Manifest
-from pipeline.reader import read_shard
-from pipeline.shards import ShardList, data_shardlist
+from pipeline.reader import ShardList, read_shard
+from pipeline.shards import data_shardlist
 from pipeline.student_data import check_fingerprint
-from pipeline.teacher import Teacher, load_teacher
-from pipeline.teacher_cache import cache_attrs, forward, library_versions, pick_device
+from pipeline.teacher import Teacher, forward, load_teacher, pick_device
 
 ANSWERS = ("topk_logprobs", "topk_ids", "log_leftover")
 FIELDS = {"train": ANSWERS + ("digest", "view") + cache.TAIL_FIELDS, "val": ANSWERS + ("digest",)}

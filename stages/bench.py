@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.manifest import ManifestError, load
+from pipeline.manifest import ManifestError
+from pipeline.manifest_loader import load
 
 # benchmarks.run.SECTIONS, spelled out so that `--help` does not import torch (a test keeps the two equal)
 SECTIONS = ("deit_224", "storage", "cache_read", "view_replay", "cache_stage", "student", "sweep_pass")

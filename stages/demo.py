@@ -16,7 +16,8 @@ import click
 import yaml
 
 from pipeline.cli import manifest_options
-from pipeline.manifest import from_dict, parse_override, to_dict
+from pipeline.manifest import to_dict
+from pipeline.manifest_loader import from_dict, parse_override
 
 MODES = ("none", "soft", "hard")
 
@@ -80,11 +81,11 @@ def demo(m, out, seeds, modes, jobs, timing_epochs, progress):
 
     from pipeline import cache, heldout
     from pipeline import demo as protocol
+    from pipeline.builtin_data import write_builtin
     from pipeline.fashion_mnist import FashionMNISTError
     from pipeline.shards import load_shardlist
     from pipeline.teacher_cache import run as fill_cache
     from pipeline.train import RESULT, train
-    from stages.shards import write_builtin
     from stages.stats import write_stats
     from stages.teacher import train_demo_teacher
 
@@ -95,7 +96,7 @@ def demo(m, out, seeds, modes, jobs, timing_epochs, progress):
         if not all(Path(p).exists() for p in (m.data.train, m.data.val, m.data.test or m.data.val)):
             click.echo(f"[1/7] shards ({m.data.builtin})")
             try:
-                for path in write_builtin(m):
+                for path in write_builtin(m.data):
                     click.echo(f"  {path}")
             except FashionMNISTError as e:
                 raise click.ClickException(str(e)) from None

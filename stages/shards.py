@@ -4,7 +4,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.manifest import ManifestError, load
+from pipeline.manifest import ManifestError
+from pipeline.manifest_loader import load
 
 # pipeline.shards and pipeline.reader (webdataset, so torch) are imported inside the commands: --help stays instant
 
@@ -16,33 +17,6 @@ def _summary(path: Path) -> str:
     count = len(shardlist.shards)
     return (f"{shardlist.num_samples} samples in {count} shard{'s' * (count != 1)}, "
             f"{len(shardlist.classes)} classes -> {path}")
-
-
-def digits_root(manifest, splits: tuple[str, ...] = ("train", "val")) -> Path:
-    """The directory `write_digits` (or `write_fashion_mnist`, splits train, val, test) fills so that it
-    produces exactly data.train and data.val (and data.test)."""
-    from pipeline.shards import SHARDLIST_NAME
-
-    root = Path(manifest.data.train).parent.parent
-    for split in splits:
-        wanted = root / split / SHARDLIST_NAME
-        if getattr(manifest.data, split) is None or Path(getattr(manifest.data, split)) != wanted:
-            raise ManifestError(f"data.{split}={getattr(manifest.data, split)!r}: the built-in data are written as "
-                                f"<dir>/{split}/{SHARDLIST_NAME}; set data.{split}={str(wanted)!r}")
-    return root
-
-
-def write_builtin(manifest, shard_size: int | None = None, seed: int = 0) -> list[Path]:
-    """Build data.builtin's shards where the manifest's data paths expect them; returns the shard lists."""
-    from pipeline.shards import write_digits
-
-    d = manifest.data
-    if d.builtin == "fashion_mnist":
-        from pipeline.fashion_mnist import write_fashion_mnist
-
-        root = digits_root(manifest, ("train", "val", "test"))
-        return list(write_fashion_mnist(root, shard_size or d.shard_size, d.train_size, d.val_size, seed).values())
-    return list(write_digits(digits_root(manifest), shard_size or d.shard_size, seed))
 
 
 @click.command()
@@ -64,6 +38,7 @@ def write_builtin(manifest, shard_size: int | None = None, seed: int = 0) -> lis
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on a terminal.")
 def shards(manifest, overrides, src, out, shard_size, seed, class_map, if_missing, progress):
     """Build WebDataset shards, a shard list and a class map."""
+    from pipeline.builtin_data import write_builtin
     from pipeline.cli import with_make_args
     from pipeline.fashion_mnist import FashionMNISTError
     from pipeline.reader import ShardError
@@ -93,7 +68,7 @@ def shards(manifest, overrides, src, out, shard_size, seed, class_map, if_missin
         if spec.data.builtin == "none":
             raise click.UsageError(f"{manifest}: data.builtin is {spec.data.builtin!r}, so there is nothing built in "
                                    f"to build: pass --src/--out, or list your own shards with `distill shardlist`")
-        for path in write_builtin(spec, shard_size, seed):
+        for path in write_builtin(spec.data, shard_size, seed):
             click.echo(_summary(path))
     except (ShardError, ManifestError, FashionMNISTError, ValueError) as e:
         raise click.ClickException(with_make_args(str(e), manifest, overrides)) from None

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.manifest import ManifestError, load
+from pipeline.manifest import ManifestError
+from pipeline.manifest_loader import load
 
 
 def default_out(cache_path: str, kind: str = "stats") -> Path:

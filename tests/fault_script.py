@@ -57,7 +57,7 @@ def write_teacher(path: Path, seed: int = 0) -> Path:
     import timm
     import torch
 
-    from pipeline.manifest import load
+    from pipeline.manifest_loader import load
 
     m = load(TINY_MANIFEST)
     torch.manual_seed(seed)

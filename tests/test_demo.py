@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from timm.data import create_transform
 
-from pipeline.manifest import from_dict
+from pipeline.manifest_loader import from_dict
 from pipeline.reader import read_shard
 from pipeline.shards import load_shardlist
 from pipeline.student import create_student

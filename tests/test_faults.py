@@ -21,7 +21,7 @@ from zarr.storage import LocalStore
 
 import fault_script
 from pipeline import cache, lock
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.teacher_cache import run as fill_cache
 
 TINY = "manifests/tiny.yaml"

@@ -1,5 +1,5 @@
 """Bad manifests: each mistake stops the run with an error that names the field and the fix, before any cache
-is touched. Loading goes through `pipeline.manifest.load`; the checks that need the data or the teacher
+is touched. Loading goes through `pipeline.manifest_loader.load`; the checks that need the data or the teacher
 (K against the class count, the teacher checkpoint) run at the start of `teacher-cache`."""
 
 import os
@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from fault_script import tiny_overrides
 from pipeline.cli import main
-from pipeline.manifest import ManifestError, load
+from pipeline.manifest import ManifestError
+from pipeline.manifest_loader import load
 from pipeline.teacher import TeacherError
 from pipeline.teacher_cache import run as fill_cache
 
@@ -143,6 +144,17 @@ def test_a_number_out_of_range_names_the_key_the_range_and_the_set_that_gave_it(
         load(TINY, [override])
     assert str(e.value).startswith(f"--set {override}: {message}")
     assert ": set it to a valid value (default " in str(e.value) or "ema" in override  # ema's default is None
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["views.randaugment.spec=rand-m9-n5"], "views.randaugment.spec='rand-m9-n5': section 'n5' asks for 5 ops"),
+    (["views.mix.mixup_alpha=0", "views.mix.cutmix_alpha=0"],
+     "views.mix is enabled but views.mix.mixup_alpha and views.mix.cutmix_alpha are both 0"),
+    (["views.crop.ratio=[2, 1]"], "views.crop.ratio=[2.0, 1.0] must satisfy 0 < min <= max"),
+])
+def test_the_view_recipes_own_checks_refuse_a_manifest_when_it_is_loaded(sets, message):
+    with pytest.raises(ManifestError, match=re.escape(f"{TINY} with --set {' '.join(sets)}: {message}")):
+        load(TINY, sets)
 
 
 def test_a_number_out_of_range_in_the_file_is_blamed_on_the_file(tmp_path):

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from fault_script import tiny_overrides
 from pipeline.cli import main
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.plan import format_plan, make_plan
 from pipeline.shards import load_shardlist
 from pipeline.teacher_cache import run as fill_cache

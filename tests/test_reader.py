@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.reader import (ShardError, Span, dataloader_worker, iter_epoch, plan_epoch, rank_sample_count,
-                             read_shard)
-from pipeline.shards import ShardEntry, ShardList, load_shardlist
+from pipeline.reader import (ShardEntry, ShardError, ShardList, Span, dataloader_worker, iter_epoch, plan_epoch,
+                             rank_sample_count, read_shard)
+from pipeline.shards import load_shardlist
 
 
 def png(value: int) -> bytes:

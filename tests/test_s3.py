@@ -17,7 +17,7 @@ import zarr
 
 import fault_script
 from pipeline import cache, lock
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.teacher_cache import run as fill_cache
 
 pytest.importorskip("s3fs")

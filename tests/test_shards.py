@@ -357,7 +357,7 @@ def test_shards_written_in_class_order_are_warned_about_with_the_fix(tmp_path):
 
 def test_teacher_cache_warns_about_a_class_ordered_first_shard_before_loading_the_teacher(tmp_path, monkeypatch):
     from pipeline import teacher_cache
-    from pipeline.manifest import load
+    from pipeline.manifest_loader import load
 
     ordered = [write_labelled_shard(tmp_path / f"sorted-{i}.tar", [i * 5 + j // 20 for j in range(100)])
                for i in range(2)]

@@ -258,7 +258,7 @@ import json, sys
 import torch
 torch.set_num_threads(1)
 from pipeline.distributed import world
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.train import train_shared
 with world() as w:
     outcomes = train_shared([load("manifests/tiny.yaml", sets) for sets in json.loads(sys.argv[1])], w,

@@ -10,7 +10,7 @@ import torch
 
 from fault_script import tiny_overrides
 from pipeline import cache, teacher_cache, verify
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 
 TINY = "manifests/tiny.yaml"
 

@@ -11,7 +11,7 @@ import pytest
 
 import fault_script
 from pipeline import storage
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.reader import ShardError, read_shard
 from pipeline.shards import data_shardlist, load_shardlist
 from pipeline.teacher_cache import run as fill_cache

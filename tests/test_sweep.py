@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from terminal import Terminal
-from pipeline.manifest import load, to_dict
+from pipeline.manifest import to_dict
+from pipeline.manifest_loader import load
 from pipeline.sweep import SweepError, describe_passes, expand, group_runs, load_sweep, plan, run_name, sweep
 
 torch.set_num_threads(1)

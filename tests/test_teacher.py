@@ -14,7 +14,7 @@ import safetensors.torch
 import timm
 import torch
 
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.teacher import TeacherError, load_teacher, state_sha256, teacher_identity
 from pipeline.teacher_cache import run as fill_cache
 
@@ -161,7 +161,7 @@ def test_identity_hash_covers_every_dtype_and_zero_dim_tensors():
 
 def test_pretrained_weights_that_cannot_be_fetched_name_the_offline_fixes(tmp_path):
     """No network (the Hub in offline mode): timm names and hf-hub: names stop with the way to use local weights."""
-    code = ("from pipeline.manifest import load\nfrom pipeline.teacher import TeacherError, load_teacher\n"
+    code = ("from pipeline.manifest_loader import load\nfrom pipeline.teacher import TeacherError, load_teacher\n"
             "import sys\n"
             "m = load('manifests/tiny.yaml', ['teacher.checkpoint=null', 'teacher.pretrained=true', "
             "'teacher.model_args={}', 'teacher.model=' + sys.argv[1]])\n"

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 import fault_script
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.teacher_cache import run as fill_cache
 
 TINY = "manifests/tiny.yaml"

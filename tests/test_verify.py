@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from fault_script import tiny_overrides
 from pipeline import cache, verify, views
 from pipeline.cli import main
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.reader import read_shard
 from pipeline.shards import load_shardlist
 from pipeline.losses import sparse_teacher_answers

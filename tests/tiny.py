@@ -10,7 +10,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from pipeline import cache
-from pipeline.manifest import load
+from pipeline.manifest_loader import load
 from pipeline.shards import build_shardlist, digits_arrays
 from pipeline.teacher import train_teacher
 from pipeline.teacher_cache import run as fill_cache
