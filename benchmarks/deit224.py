@@ -205,7 +205,9 @@ def project_manifest(work: Path, loop_list: str, val_list: str, setup: Setup, de
         student=replace(m.student, model=STUDENT, model_args=dict(setup.student_args), img_size=SIZE,
                         patch_size=16, distillation="hard", epochs=1, batch_size=setup.batch,
                         workers=setup.workers, shuffle_buffer=4096, ema=None, verify_sample=0.0, ckpt_every=0,
-                        eval_every=1, device=device, compile=False, run_dir=str(work / "runs" / "b")),
+                        eval_every=1, device=device, compile=False, run_dir=str(work / "runs" / "b"),
+                        log=replace(m.student.log, every=1)),  # a rate per step, as A's (the default 50 would
+                                                               # give one rate over the run, loader start included)
     ).check()
 
 

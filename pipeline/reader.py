@@ -170,8 +170,9 @@ def _image(members: dict[str, bytes], decode: bool) -> tuple[Image.Image | bytes
     if not decode:
         return data, None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB"), None
+        img = Image.open(io.BytesIO(data))  # in memory: no file to close; load() decodes and keeps the pixels
+        img.load()
+        return (img if img.mode == "RGB" else img.convert("RGB")), None  # convert() would copy an RGB image
     except Exception as e:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError...)
         return None, f"has `{found[0]}` bytes that do not decode as an image ({e}): re-encode or remove the sample"
 
