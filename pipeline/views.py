@@ -359,16 +359,17 @@ def mix_windows(cfg: ViewsCfg, epoch: int, shard: int, shard_len: int) -> list[t
     return out
 
 
-def cutmix_pixels(cut: int, cy: int, cx: int, size: int) -> tuple[int, int, int, int]:
-    """timm's `rand_bbox` box (yl, yh, xl, xh) on a size x size image, from its side and centre."""
-    yl, yh = min(max(cy - cut // 2, 0), size), min(max(cy + (cut + 1) // 2, 0), size)
-    xl, xh = min(max(cx - cut // 2, 0), size), min(max(cx + (cut + 1) // 2, 0), size)
-    return yl, yh, xl, xh
+def cutmix_pixels(cut, cy, cx, size) -> tuple:
+    """timm's `rand_bbox` box (yl, yh, xl, xh) on a size x size image, from its side and centre: of one view
+    (ints) or of many at once (integer arrays, as `decode_params` derives their lambdas)."""
+    return (np.clip(cy - cut // 2, 0, size), np.clip(cy + (cut + 1) // 2, 0, size),
+            np.clip(cx - cut // 2, 0, size), np.clip(cx + (cut + 1) // 2, 0, size))
 
 
-def _box_lam(box: tuple[int, int, int, int], size: int) -> float:
+def _box_lam(box: tuple, size):
+    """1 - the box's share of the size x size pixels (timm's corrected lambda), in float64."""
     yl, yh, xl, xh = box
-    return 1.0 - (yh - yl) * (xh - xl) / float(size * size)
+    return 1.0 - (yh - yl) * (xh - xl) / (np.float64(size) * size)
 
 
 def cutmix_box(lam: float, cy: int, cx: int, size: int) -> tuple[tuple[int, int, int, int], float]:
@@ -488,7 +489,7 @@ def decode_params(records: np.ndarray) -> np.ndarray:
     if records.dtype != np.uint8 or records.shape[-1:] != (PARAM_BYTES,):
         raise ValueError(f"stored view records must be uint8 with {PARAM_BYTES} bytes on the last axis, got "
                          f"shape {records.shape} dtype {records.dtype}: the cache was written by another recipe version")
-    out = np.zeros(records.shape[:-1] + (N_PARAMS,), np.float32)
+    out = np.empty(records.shape[:-1] + (N_PARAMS,), np.float32)
     at = 0
     for i, name in enumerate(PARAM_FIELDS):
         width, scale, offset = PARAM_ENCODING[name]
@@ -505,14 +506,11 @@ def _derive(out: np.ndarray, records: np.ndarray) -> None:
     """Fill in the `DERIVED_FIELDS` of decoded vectors `out` from the other fields and the records."""
     mode = out[..., _FIELD["mix_mode"]]
     cut, cy, cx, grid = (out[..., _FIELD[f]].astype(np.int64) for f in ("mix_cut", "mix_cy", "mix_cx", "grid"))
-    yl, yh = np.clip(cy - cut // 2, 0, grid), np.clip(cy + (cut + 1) // 2, 0, grid)
-    xl, xh = np.clip(cx - cut // 2, 0, grid), np.clip(cx + (cut + 1) // 2, 0, grid)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        box_lam = 1.0 - ((yh - yl) * (xh - xl)) / (grid * grid).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # grid 0: a position with no view, not a cutmix
+        box_lam = _box_lam(cutmix_pixels(cut, cy, cx, grid), grid)
     lam = out[..., _FIELD["mix_lam"]]
     lam[...] = np.where(mode == MIX_MODES.index("cutmix"), box_lam, np.where(mode == MIX_MODES.index("mixup"), lam, 1.0))
-    seed = out[..., _FIELD["erase_seed"]]
-    seed[...] = 0
+    seed = out[..., _FIELD["erase_seed"]]  # 0 from its zero bytes; set where the view is erased
     erased = np.flatnonzero(out[..., _FIELD["erase"]].ravel() == 1)
     if erased.size:  # the crc32 of the record without the lambda's bytes (which only a mixup uses)
         rows = np.delete(np.ascontiguousarray(records).reshape(-1, PARAM_BYTES)[erased], _LAM_BYTES, axis=1)
@@ -568,7 +566,7 @@ def describe(params: np.ndarray) -> dict:
     if mode != "none":
         mix = {"mode": mode, "partner": p["mix_partner"], "lam": p["mix_lam"]}
         if mode == "cutmix":
-            yl, yh, xl, xh = cutmix_pixels(p["mix_cut"], p["mix_cy"], p["mix_cx"], p["grid"])
+            yl, yh, xl, xh = map(int, cutmix_pixels(p["mix_cut"], p["mix_cy"], p["mix_cx"], p["grid"]))
             mix["box"] = [xl, yl, xh, yh]
     return {  # boxes as [x0, y0, x1, y1] pixels: the crop's of the source, the others' of the teacher's view
         "grid": p["grid"],
