@@ -13,6 +13,9 @@ Measures, each on its own so that one failure still reports the others:
 - `student`: images/s of DeiT-Ti (`deit_tiny_distilled_patch16_224`, hard distillation, batch 128) trained
   from that cache by `pipeline.train.train` (the real data path: decode, replay, cache read, collate), against
   the same training step on a synthetic batch (`Learner.step`, no data path) and a plain timm/torch step.
+- `student_timm_input`: the same DeiT-Ti step (two heads on the mixed ground truth, no distillation) fed by
+  timm's own input path over the same shards with as many loader workers: webdataset, DeiT's `create_transform`
+  in the workers, `Mixup` on the device batch. `b_over_a_224` = `student` / this (goal of issue #13: >= 1).
 - `student_sweep`: four DeiT-Ti students (hard, soft, none, hard at twice the lr) trained from that cache on
   one shared data pass (`pipeline.train.train_shared`) against the same four one after another.
 - `nccl`: an all-reduce over NCCL (a one-rank group on a single GPU, the torchrun group under torchrun),
@@ -107,7 +110,7 @@ def teacher_forward(s: Settings, work: Path) -> dict:
     def run(net):
         @torch.inference_mode()
         def forward():
-            x = normalize(views_u8, pcfg["mean"], pcfg["std"]).contiguous(memory_format=torch.channels_last)
+            x = normalize(views_u8, pcfg["mean"], pcfg["std"], channels_last=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 return net(x)
         return forward
@@ -259,9 +262,10 @@ def student_synthetic(s: Settings, m) -> dict:
     return {"batch": m.student.batch_size, "images_per_s": m.student.batch_size / seconds}
 
 
-def student_plain(s: Settings) -> dict:
-    """A plain timm/torch DeiT-Ti step (bf16 autocast, channels_last input, two-head hard loss, AdamW) on a
-    batch already on the device: the ceiling of any data path."""
+def _deit_step(s: Settings):
+    """(step(x, target, teacher_ids or None), device): a plain timm/torch DeiT-Ti training step (bf16 autocast,
+    channels_last input, AdamW): the class head on the mixed ground truth, the distillation head on the
+    teacher's argmax (hard) or, without teacher ids, on the ground truth too."""
     import timm
     import torch.nn.functional as F
 
@@ -272,21 +276,61 @@ def student_plain(s: Settings) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05,
                                   fused=device.type == "cuda")
     forward = torch.compile(model) if s.compile else model
+
+    def step(x: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            cls_logits, dist_logits = forward(x)
+        base = torch.sum(-target * F.log_softmax(cls_logits.float(), 1), 1).mean()
+        distill = (torch.sum(-target * F.log_softmax(dist_logits.float(), 1), 1).mean() if teacher is None
+                   else F.cross_entropy(dist_logits.float(), teacher))
+        optimizer.zero_grad(set_to_none=True)
+        (0.5 * base + 0.5 * distill).backward()
+        optimizer.step()
+
+    return step, device
+
+
+def student_plain(s: Settings) -> dict:
+    """A plain timm/torch DeiT-Ti step (`_deit_step`, hard loss) on a batch already on the device: the ceiling
+    of any data path."""
+    step, device = _deit_step(s)
     b = s.student_batch
     x = torch.randn(b, 3, SIZE, SIZE, device=device).contiguous(memory_format=torch.channels_last)
     target = torch.softmax(torch.randn(b, CLASSES, device=device), 1)
     teacher = torch.randint(CLASSES, (b,), device=device)
+    return {"batch": b, "images_per_s": b / _timed(lambda: step(x, target, teacher), s.step_iters,
+                                                    warmup=3 + 10 * s.compile)}
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cls_logits, dist_logits = forward(x)
-        loss = 0.5 * torch.sum(-target * F.log_softmax(cls_logits.float(), 1), 1).mean() \
-            + 0.5 * F.cross_entropy(dist_logits.float(), teacher)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
-    return {"batch": b, "images_per_s": b / _timed(step, s.step_iters, warmup=3 + 10 * s.compile)}
+def student_timm_input(s: Settings, m) -> dict:
+    """A of issue #13 on the GPU: `_deit_step` without distillation, fed by timm's own input path over the shards
+    `student_from_cache` reads, with its number of loader workers and its epochs (per-step images/s, the same
+    steady share of the steps as `student_from_cache`)."""
+    import webdataset as wds
+
+    from benchmarks.deit224 import timm_mixup, timm_transform
+    from pipeline.shards import load_shardlist
+
+    step, device = _deit_step(s)
+    urls = [entry.url for entry in load_shardlist(m.data.train).shards]
+    dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(m.student.shuffle_buffer)
+               .decode("pil").to_tuple("jpg", "cls").map_tuple(timm_transform(), int))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=s.student_batch, num_workers=s.workers, drop_last=True,
+                                         pin_memory=device.type == "cuda", persistent_workers=s.workers > 0)
+    mixup, rates = timm_mixup(), []
+    tick = time.perf_counter()
+    for _ in range(s.student_epochs):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, target = mixup(x, y)
+            step(x.contiguous(memory_format=torch.channels_last), target, None)
+            _sync()
+            now = time.perf_counter()
+            rates.append(s.student_batch / (now - tick))
+            tick = now
+    steady = rates[max(1, len(rates) // 4):]
+    return {"steps": len(rates), "batch": s.student_batch, "workers": s.workers,
+            "images_per_s": statistics.median(steady) if steady else None}
 
 
 def nccl_all_reduce(device_type: str = "cuda") -> dict:
@@ -367,6 +411,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
             stage = _attempt(results, "teacher_cache", lambda: teacher_cache_stage(s, work, m, forward))
             if stage is not None:
                 _attempt(results, "student_from_cache", lambda: student_from_cache(s, work, m))
+                _attempt(results, "student_timm_input", lambda: student_timm_input(s, m))
                 _attempt(results, "student_sweep", lambda: student_sweep(s, work, m))
             _attempt(results, "student_synthetic", lambda: student_synthetic(s, m))
         _attempt(results, "student_plain", lambda: student_plain(s))
@@ -374,6 +419,8 @@ def run(s: Settings, out: Path, work: Path) -> dict:
     meas = results["measurements"]
     if "student_from_cache" in meas and "student_synthetic" in meas and meas["student_from_cache"]["images_per_s"]:
         results["student_data_share"] = meas["student_from_cache"]["images_per_s"] / meas["student_synthetic"]["images_per_s"]
+    if meas.get("student_from_cache", {}).get("images_per_s") and meas.get("student_timm_input", {}).get("images_per_s"):
+        results["b_over_a_224"] = meas["student_from_cache"]["images_per_s"] / meas["student_timm_input"]["images_per_s"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return results
@@ -399,6 +446,9 @@ def summary(results: dict) -> str:
     lines.append(f"  student {STUDENT} from the cache: {get('student_from_cache', 'images_per_s')} images/s; "
                  f"synthetic batch (Learner.step): {get('student_synthetic', 'images_per_s')}; plain step: "
                  f"{get('student_plain', 'images_per_s')}")
+    if "b_over_a_224" in results:
+        lines.append(f"  timm's input path, same step without distillation (A): {get('student_timm_input', 'images_per_s')} "
+                     f"images/s; from the cache / A = {results['b_over_a_224']:.2f}")
     if "student_data_share" in results:
         lines.append(f"  data path share of the synthetic step rate: {results['student_data_share']:.2f}")
     if "student_sweep" in meas:
@@ -434,8 +484,9 @@ def markdown(runs: list[tuple[str, dict]]) -> list[str]:
              "bf16, channels_last) over generated ImageNet-like JPEG shards with DeiT's recipe; the student is "
              "DeiT-Ti from that cache (hard distillation, batch 128).", "",
              "| run | GPU, torch | teacher forward views/s (compiled) | stage 1 views/s (share of forward) | "
-             "student from cache img/s | synthetic step img/s | plain timm step img/s | 4-student sweep shared / "
-             "separate | NCCL |", "|---|---|---|---|---|---|---|---|---|"]
+             "student from cache img/s (B) | timm's input path img/s (A) | B / A | synthetic step img/s | "
+             "plain timm step img/s | 4-student sweep shared / separate | NCCL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs:
         meas, mach = r.get("measurements", {}), r.get("machine", {})
         fwd, tc = meas.get("teacher_forward", {}), meas.get("teacher_cache", {})
@@ -445,6 +496,7 @@ def markdown(runs: list[tuple[str, dict]]) -> list[str]:
             f"({n(fwd.get('compiled_views_per_s'))}) | {n(tc.get('views_per_s'))} "
             f"({n(tc.get('share_of_teacher_forward'), '.2f')}) | "
             f"{n(meas.get('student_from_cache', {}).get('images_per_s'))} | "
+            f"{n(meas.get('student_timm_input', {}).get('images_per_s'))} | {n(r.get('b_over_a_224'), '.2f')} | "
             f"{n(meas.get('student_synthetic', {}).get('images_per_s'))} | "
             f"{n(meas.get('student_plain', {}).get('images_per_s'))} | "
             f"{n(sweep.get('shared_over_separate'), '.2f')} | {'ok' if meas.get('nccl', {}).get('ok') else 'n/a'} |")

@@ -328,7 +328,7 @@ def per_view(shardlist_path: str, count: int, reps: int) -> dict:
         if sum(len(s[0]) for s in shards) >= count:
             break
         samples = list(read_shard(shardlist, i))
-        params = np.stack([views.sample_params(cfg, 0, i, x.pos, entry.samples, x.image.size, size=SIZE) for x in samples])
+        params = np.stack([views.sample_params(cfg, 0, i, x.pos, entry.samples, views.image_size(x.image), size=SIZE) for x in samples])
         shards.append(([x.pos for x in samples], params, i))
     n = sum(len(s[0]) for s in shards)
     transform, mixup = timm_transform(), timm_mixup()

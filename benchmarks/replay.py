@@ -29,7 +29,7 @@ def _replay_set(shardlist_path: str, count: int, size: int, cfg: ViewsCfg, reps:
     # whole mix windows of cache epoch 0 (they move with the epoch): every partner lies among the views read
     count = next(stop for _, stop in views.mix_windows(cfg, 0, 0, n) if stop >= min(count, n))
     samples = list(read_shard(shardlist, 0, stop=count))
-    params = [views.sample_params(cfg, 0, 0, x.pos, n, x.image.size, size=size) for x in samples]
+    params = [views.sample_params(cfg, 0, 0, x.pos, n, views.image_size(x.image), size=size) for x in samples]
     partners = [views.mix_target(p)[0] for p in params]
 
     def decode():
@@ -70,7 +70,7 @@ def _replay_set(shardlist_path: str, count: int, size: int, cfg: ViewsCfg, reps:
     mixed = sum(1 for x, q in zip(samples, partners) if q != x.pos)
     return {name: summary(values) for name, values in runs.items()} | {
         "views": count, "size": size, "mixed_share": mixed / count, "profile_top_tottime": hot,
-        "source_size": list(samples[0].image.size)}
+        "source_size": list(views.image_size(samples[0].image))}
 
 
 def measure(work: Path, m: Manifest, s: Settings) -> dict:

@@ -104,8 +104,8 @@ def inspect(root, shardlist: ShardList, epoch: int, shard: int, pos: int,
             for i, lp in zip(slab["topk_ids"][pos], slab["topk_logprobs"][pos])]
     mixed = partner != pos
 
-    def rgb(image) -> np.ndarray:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    def rgb(image: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(image, dtype=np.uint8)
 
     return InspectedView(
         epoch=epoch, shard=shard, pos=pos, key=samples[pos].key, label=classes[samples[pos].label],

@@ -23,11 +23,13 @@ import itertools
 import math
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
@@ -47,7 +49,7 @@ class Sample:
     shard: int  # index of the shard in the shard list
     pos: int  # position of the sample in its shard
     key: str
-    image: Image.Image | bytes  # RGB image, or the raw member bytes when read with decode=False
+    image: np.ndarray | bytes  # (H, W, 3) uint8 RGB pixels (`decode_image`), or the member's bytes with decode=False
     label: int
     padded: bool = False  # a repeat that only evens out rank counts (see plan_epoch)
 
@@ -160,7 +162,35 @@ def _label(members: dict[str, bytes]) -> tuple[int | None, str | None]:
         return None, f"has `cls` {text[:20]!r}, not an integer class id: write the class id as ASCII digits"
 
 
-def _image(members: dict[str, bytes], decode: bool) -> tuple[Image.Image | bytes | None, str | None]:
+try:  # deprecated in torchvision 0.29 for TorchCodec; without it PIL decodes, to the same pixels
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    decode_jpeg = None
+# torchvision 0.29 warns on every decode; the notice is about its future, not this run
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated",
+                        DeprecationWarning)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """The RGB pixels of an encoded image, an (H, W, 3) uint8 array: the one decode of every stage.
+
+    JPEGs in YCbCr or greyscale are decoded by torchvision's libjpeg-turbo straight into an array, the same
+    pixels as PIL's decoder and `convert("RGB")` (the tests compare them); the renderer then hands PIL only a
+    view's crop box, where PIL's own decoder would unpack the whole image into its layout (about 4% of a 224 px
+    replay). Other images (PNG, WebP, CMYK JPEGs, JPEGs libjpeg-turbo refuses), and every image where
+    torchvision no longer decodes, are decoded by PIL and converted to RGB. Raises PIL's error (OSError) for
+    bytes that are not an image."""
+    img = Image.open(io.BytesIO(data))  # reads the header only
+    if decode_jpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
+        try:
+            pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return pixels.permute(1, 2, 0).numpy()  # decode_jpeg's (3, H, W) is a view of the (H, W, 3) rows
+        except RuntimeError:  # what torchvision refuses, PIL may still read (or explain)
+            pass
+    return np.asarray(img.convert("RGB"))
+
+
+def _image(members: dict[str, bytes], decode: bool) -> tuple[np.ndarray | bytes | None, str | None]:
     found = [s for s in IMAGE_SUFFIXES if s in members]
     if not found:
         return None, f"has no image member (one of {', '.join(IMAGE_SUFFIXES)}; members: {sorted(members)})"
@@ -170,9 +200,7 @@ def _image(members: dict[str, bytes], decode: bool) -> tuple[Image.Image | bytes
     if not decode:
         return data, None
     try:
-        img = Image.open(io.BytesIO(data))  # in memory: no file to close; load() decodes and keeps the pixels
-        img.load()
-        return (img if img.mode == "RGB" else img.convert("RGB")), None  # convert() would copy an RGB image
+        return decode_image(data), None
     except Exception as e:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError...)
         return None, f"has `{found[0]}` bytes that do not decode as an image ({e}): re-encode or remove the sample"
 

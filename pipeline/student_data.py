@@ -33,7 +33,6 @@ anew each epoch (`TrainSet.loader`), bit for bit.
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import json
 import logging
@@ -44,13 +43,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline import cache, views
 from pipeline.cache import library_versions
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.reader import ShardList, Span, dataloader_worker, plan_epoch, read_shard
+from pipeline.reader import ShardList, Span, dataloader_worker, decode_image, plan_epoch, read_shard
 from pipeline.shards import data_shardlist
 
 log = logging.getLogger(__name__)
@@ -567,16 +565,15 @@ class RankLoader:
 
 
 class EncodedImages(Mapping):
-    """position -> RGB image, decoded from its encoded bytes on every access, as `reader.read_shard` decodes
-    (`Image.open(...).convert("RGB")`): the same pixels, decoded only when a view is rendered."""
+    """position -> RGB pixels, decoded from its encoded bytes on every access by `reader.decode_image`, as
+    `reader.read_shard` decodes: the same pixels, decoded only when a view is rendered."""
 
     def __init__(self, encoded: dict[int, bytes], url: str):
         self.encoded, self.url = encoded, url
 
-    def __getitem__(self, pos: int) -> Image.Image:
+    def __getitem__(self, pos: int) -> np.ndarray:
         try:
-            with Image.open(io.BytesIO(self.encoded[pos])) as img:
-                return img.convert("RGB")
+            return decode_image(self.encoded[pos])
         except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of refusing bytes
             raise cache.CacheError(f"shard {self.url} position {pos} has a view in the cache but its image does not "
                                    f"decode ({e}): the shards changed since the cache was filled; rebuild the cache "

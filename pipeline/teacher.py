@@ -16,6 +16,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline.manifest import ManifestError, TeacherCfg
@@ -180,12 +181,17 @@ def teacher_identity(cfg: TeacherCfg, num_classes: int) -> dict:
     return _identity(cfg, file_sha256(_checkpoint_path(cfg)), pcfg)
 
 
-def normalize(views_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    """[B, H, W, 3] uint8 -> [B, 3, H, W] float, normalised with the model's own mean and std."""
-    x = views_uint8.permute(0, 3, 1, 2).float().div_(255)
+def normalize(views_uint8: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] float, normalised with the model's own mean and std: (x / 255 - mean) / std.
+
+    With `channels_last` the result keeps the views' own memory order (torch's channels_last, what the GPU paths
+    feed their models, with no copy); otherwise it is contiguous, which on a CPU this normalisation writes in half
+    the time. The values are the same either way."""
+    x = views_uint8.permute(0, 3, 1, 2)
+    x = (x if channels_last else x.contiguous()).float().div_(255)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return x.sub_(m).div_(s)
 
 
 def pick_device(name: str) -> torch.device:
@@ -199,9 +205,9 @@ def pick_device(name: str) -> torch.device:
 @torch.inference_mode()
 def forward(teacher: Teacher, views_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The teacher's float32 logits [b, C] for uint8 views [b, H, W, 3], left on `device`."""
-    x = normalize(views_u8.to(device, non_blocking=True), teacher.mean, teacher.std)
+    x = normalize(views_u8.to(device, non_blocking=True), teacher.mean, teacher.std, channels_last=device.type == "cuda")
     if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op on the views' own order
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return teacher.model(x).float()
     return teacher.model(x).float()
@@ -216,7 +222,7 @@ def decode_split(shardlist_path: str, size: int) -> tuple[np.ndarray, np.ndarray
     images, labels = [], []
     for shard in range(len(shardlist.shards)):
         for sample in read_shard(shardlist, shard):
-            images.append(np.asarray(sample.image.convert("RGB").resize((size, size))))
+            images.append(np.asarray(Image.fromarray(sample.image).resize((size, size))))
             labels.append(sample.label)
     return np.stack(images), np.array(labels), list(shardlist.classes)
 

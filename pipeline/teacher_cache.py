@@ -105,7 +105,8 @@ class UnitViews(IterableDataset):
                 view = None if sample is None else views.eval_view(sample.image, size, self.eval_crop_pct)
                 yield pos, view, None, -1 if sample is None else sample.label
             return
-        params = {pos: views.sample_params(self.m.views, unit.epoch, shard, pos, n, s.image.size, size=size)
+        params = {pos: views.sample_params(self.m.views, unit.epoch, shard, pos, n, views.image_size(s.image),
+                                           size=size)
                   for pos, s in block.items()}
         # each unmixed view once, mixed into its own view and its partners' (a skipped partner: itself)
         rendered = views.ShardViews({pos: s.image for pos, s in block.items()}, params, size, self.m.views)

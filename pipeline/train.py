@@ -222,7 +222,7 @@ NON_FINITE_FIX = ("lower student.optim.lr, set student.optim.clip_grad, or check
 
 def student_input(views_u8: torch.Tensor, student: Student, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 [B, H, W, 3] views -> the student's normalised float input on `device`."""
-    x = normalize(views_u8.to(device, non_blocking=True), student.mean, student.std)
+    x = normalize(views_u8.to(device, non_blocking=True), student.mean, student.std, channels_last)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

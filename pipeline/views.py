@@ -9,8 +9,8 @@ magnitudes in steps of 1/16 of a level, the mix partner's position in three byte
 == v` bit for bit and the teacher renders from the very values the student later decodes. Two fields are not stored
 but follow from the others (`DERIVED_FIELDS`): the cutmix lambda is the box's pixel share, and the erasing noise
 seed is the crc32 of the view's stored record. `render_unmixed`, `mix` and `render` (the two composed) read only that vector (and the
-recipe constants in the config) and draw no random numbers: the erasing noise comes from a numpy `RandomState`
-seeded by the stored `erase_seed`, whose stream numpy keeps frozen across versions. So a view rendered from
+recipe constants in the config) and draw no random numbers: the erasing noise comes from numpy's PCG64 bit
+generator seeded by the derived `erase_seed`, whose raw stream numpy keeps frozen across versions. So a view rendered from
 the decoded cache entry is the view the teacher saw, at any output resolution.
 
 The pixel operations are torchvision's (`resized_crop`, `hflip`) and timm's RandAugment ops
@@ -55,7 +55,8 @@ from pipeline.manifest import ManifestError, ViewsCfg, to_dict
 # views/2: epoch-dependent mix windows, cutmix box drawn in teacher pixels (timm's lambda correction)
 # views/3: boxes stored in whole pixels (crop: source; erasing, cutmix: the teacher's view), erasing drawn in
 # pixels as timm's RandomErasing does, the noise seed and the cutmix lambda derived instead of stored
-RECIPE_VERSION = "views/3"
+# views/4: the erasing noise drawn as uint16 uniforms mapped to uint8 pixels by the inverse CDF (same distribution)
+RECIPE_VERSION = "views/4"
 
 MAX_RA_OPS = 4  # RandAugment slots in the parameter vector; a spec asking for more ops is refused
 MAX_SIDE = 65535  # pixel coordinates (source and view sides) are stored as uint16
@@ -231,8 +232,9 @@ def recipe(cfg: ViewsCfg) -> dict:
         "ra_op_names": list(RA_OP_NAMES),
         "ra_hparams": {"translate_pct": RA_HPARAMS["translate_pct"], "img_mean": list(IMG_MEAN_U8)},
         "erasing": {"area": list(ERASE_AREA), "aspect": [0.3, 1.0 / 0.3], "noise_space": "imagenet",
-                    "pixel_noise": "clip(rint(255 * (imagenet_mean + imagenet_std * RandomState(erase_seed)"
-                                   ".standard_normal((h, w, 3)))), 0, 255)"},
+                    "pixel_noise": "per value a uint16 u from PCG64(erase_seed).random_raw (little-endian, 4 a draw), "
+                                   "mapped to the uint8 level v with Phi(z_v) <= (u + 0.5) / 65536 < Phi(z_v+1), "
+                                   "z_v = ((v - 0.5) / 255 - imagenet_mean) / imagenet_std"},
         "mixup_rounding": "rint(lam * a + (1 - lam) * b) in float32",
         "mix_windows": "window offset = default_rng([seed, epoch, shard, 5]).integers(window); partner uniform "
                        "over the other positions of the window",
@@ -615,12 +617,36 @@ def _erase(view: np.ndarray, p: dict, mode: str) -> None:
     view[top:bottom, left:right] = _noise_u8(p["erase_seed"], bottom - top, right - left)
 
 
+NOISE_DRAW_LEVELS = 1 << 16  # the erasing noise draws one uint16 per pixel and channel
+
+
+@functools.cache
+def _noise_table() -> np.ndarray:
+    """(3, 65536) uint8: per channel, the pixel each 16-bit uniform draw u stands for, by the inverse CDF: the
+    uint8 value that timm's N(0, 1) pixel-mode noise rounds to in ImageNet's normalised space. A draw maps to
+    level v when Phi(z_v) <= (u + 1/2) / 65536 < Phi(z_{v+1}), z_v = ((v - 1/2) / 255 - mean) / std: the
+    distribution of the rounded and clipped normal, to within 2**-16 per level."""
+    centres = (np.arange(NOISE_DRAW_LEVELS) + 0.5) / NOISE_DRAW_LEVELS
+    table = np.empty((3, NOISE_DRAW_LEVELS), np.uint8)
+    for c, (mean, std) in enumerate(zip(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)):
+        edges = [0.5 * (1.0 + math.erf(((v - 0.5) / 255.0 - mean) / std / math.sqrt(2.0))) for v in range(1, 256)]
+        table[c] = np.searchsorted(np.asarray(edges), centres, side="right")
+    return table
+
+
 def _noise_u8(seed: int, height: int, width: int) -> np.ndarray:
     """timm's pixel-mode erasing noise (N(0, 1) per pixel and channel in the normalised space of a model with
-    ImageNet's mean and std) written as the uint8 pixels that normalise to it, rounded and clipped to 0..255."""
-    noise = np.random.RandomState(seed).standard_normal((height, width, 3))
-    pixels = (np.asarray(IMAGENET_DEFAULT_MEAN) + np.asarray(IMAGENET_DEFAULT_STD) * noise) * 255.0
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    ImageNet's mean and std) as the uint8 pixels it rounds to, clipped to 0..255: a uint16 uniform draw per value
+    mapped through `_noise_table`. The draws are the raw stream of numpy's PCG64 seeded by `seed` (bit
+    generators and their seeding are frozen across numpy versions, unlike the Generator's methods), so a view
+    replays bit for bit; a table lookup costs a sixth of drawing normals with `RandomState`."""
+    count = height * width * 3
+    draws = np.random.PCG64(seed).random_raw(-(-count // 4)).astype("<u8").view("<u2")[:count]
+    draws = draws.reshape(height, width, 3)
+    table, noise = _noise_table(), np.empty((height, width, 3), np.uint8)
+    for c in range(3):
+        noise[..., c] = table[c][draws[..., c]]
+    return noise
 
 
 def erasing_noise_stats(pixels: int = 1_000_000, seed: int = 0) -> dict:
@@ -653,18 +679,34 @@ def erasing_noise_warning(cfg: ViewsCfg, mean, std, who: str) -> str | None:
             f"the mean colour instead")
 
 
-def render_unmixed(image: Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg) -> np.ndarray:
+def render_unmixed(image: np.ndarray | Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg) -> np.ndarray:
     """The (size, size, 3) uint8 view before the mix: crop, flip, RandAugment, erasing, all from `params`.
     `cfg` supplies the recipe constants that are not per view (the erasing mode)."""
-    p = _decode(params)
+    return _render_unmixed(image, _decode(params), size, cfg)
+
+
+def image_size(image: np.ndarray | Image.Image) -> tuple[int, int]:
+    """(width, height) of a source image: decoded (H, W, 3) pixels (`reader.decode_image`) or a PIL image."""
+    return (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else image.size
+
+
+def _source_rgb(image: np.ndarray | Image.Image, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """The source image (its `box`, (x0, y0, x1, y1) pixels, when given) as an RGB PIL image. From decoded
+    pixels only the box is copied into PIL's layout; the pixels equal `Image.crop` of the PIL image."""
+    if isinstance(image, np.ndarray):
+        x0, y0, x1, y1 = box or (0, 0, image.shape[1], image.shape[0])
+        return Image.fromarray(image[y0:y1, x0:x1])
     img = image if image.mode == "RGB" else image.convert("RGB")
-    left, top = p["crop_x0"], p["crop_y0"]
-    crop_w, crop_h = p["crop_x1"] - left, p["crop_y1"] - top
+    return img if box is None else img.crop(box)
+
+
+def _render_unmixed(image: np.ndarray | Image.Image, p: dict, size: int, cfg: ViewsCfg) -> np.ndarray:
     interp = INTERPOLATIONS[p["interp"]]
-    img = TF.resized_crop(img, top, left, crop_h, crop_w, [size, size], interpolation=InterpolationMode(interp))
+    resample = Image.Resampling[interp.upper()]
+    # torchvision's resized_crop on a PIL image: crop, then resize to (size, size)
+    img = _source_rgb(image, (p["crop_x0"], p["crop_y0"], p["crop_x1"], p["crop_y1"])).resize((size, size), resample)
     if p["flip"]:
         img = TF.hflip(img)
-    resample = Image.Resampling[interp.upper()]
     for name, magnitude, sign in _ra_ops(p):
         img = _apply_ra_op(img, name, magnitude, sign, resample)
     view = np.array(img, dtype=np.uint8)
@@ -677,17 +719,21 @@ def mix(view: np.ndarray, partner_view: np.ndarray, params: np.ndarray) -> np.nd
     """The final uint8 view from the unmixed view of `params` and its mix partner's unmixed view (same size),
     as `params` say: mixup blends them, cutmix pastes the partner's box. Neither input is modified; an
     unmixed view comes back as `view` itself."""
-    p = _decode(params)
+    return _mix(view, partner_view, _decode(params))
+
+
+def _mix(view: np.ndarray, partner_view: np.ndarray, p: dict) -> np.ndarray:
     mode = MIX_MODES[p["mix_mode"]]
     if mode == "none":
         return view
     if partner_view.shape != view.shape:
         raise ValueError(f"this view is a {mode} of a {view.shape} view with a partner view of shape "
                          f"{partner_view.shape}: render both at the same size")
-    if mode == "mixup":
+    if mode == "mixup":  # rint(lam * a + (1 - lam) * b) in float32, computed in place
         lam = np.float32(p["mix_lam"])
-        blend = lam * view.astype(np.float32) + (np.float32(1.0) - lam) * partner_view.astype(np.float32)
-        return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+        blend = np.multiply(view, lam, dtype=np.float32)
+        blend += np.multiply(partner_view, np.float32(1.0) - lam, dtype=np.float32)
+        return np.clip(np.rint(blend, out=blend), 0, 255, out=blend).astype(np.uint8)
     size_h, size_w, grid = *view.shape[:2], p["grid"]
     yl, yh, xl, xh = cutmix_pixels(p["mix_cut"], p["mix_cy"], p["mix_cx"], grid)
     top, bottom = grid_px(yl, grid, size_h), grid_px(yh, grid, size_h)
@@ -697,20 +743,20 @@ def mix(view: np.ndarray, partner_view: np.ndarray, params: np.ndarray) -> np.nd
     return out
 
 
-def render(image: Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg,
-           partner_image: Image.Image | None = None, partner_params: np.ndarray | None = None) -> np.ndarray:
+def render(image: np.ndarray | Image.Image, params: np.ndarray, size: int, cfg: ViewsCfg,
+           partner_image: np.ndarray | Image.Image | None = None, partner_params: np.ndarray | None = None) -> np.ndarray:
     """The final (size, size, 3) uint8 view: the unmixed view mixed with the partner's own unmixed view
     (rendered under the partner's params) when `params` say so. Loops over many views of one shard render
     each unmixed view once instead (`ShardViews`)."""
-    view = render_unmixed(image, params, size, cfg)
     p = _decode(params)
+    view = _render_unmixed(image, p, size, cfg)
     mode = MIX_MODES[p["mix_mode"]]
     if mode == "none":
         return view
     if partner_image is None or partner_params is None:
         raise ValueError(f"this view is a {mode} with the sample at position {p['mix_partner']} of the same shard: "
                          f"pass that sample's image as partner_image and its view params as partner_params")
-    return mix(view, render_unmixed(partner_image, partner_params, size, cfg), params)
+    return _mix(view, render_unmixed(partner_image, partner_params, size, cfg), p)
 
 
 class ShardViews:
@@ -725,17 +771,24 @@ class ShardViews:
     def __init__(self, images, params, size: int, cfg: ViewsCfg):
         self.images, self.params, self.size, self.cfg = images, params, size, cfg
         self._unmixed: dict[int, np.ndarray] = {}
+        self._decoded: dict[int, dict] = {}  # each position's params decoded once
+
+    def _params(self, pos: int) -> dict:
+        p = self._decoded.get(pos)
+        if p is None:
+            p = self._decoded[pos] = _decode(self.params[pos])
+        return p
 
     def partner(self, pos: int) -> int:
         """The position `pos` mixes with; itself when the partner was skipped as a bad sample (not in
         `images`): stage 1 then mixed the view with itself, and every replay does the same."""
-        partner, _ = mix_target(self.params[pos])
+        partner = self._params(pos)["mix_partner"]
         return pos if partner != pos and partner not in self.images else partner
 
     def unmixed(self, pos: int) -> np.ndarray:
         view = self._unmixed.get(pos)
         if view is None:
-            view = self._unmixed[pos] = render_unmixed(self.images[pos], self.params[pos], self.size, self.cfg)
+            view = self._unmixed[pos] = _render_unmixed(self.images[pos], self._params(pos), self.size, self.cfg)
         return view
 
     def view(self, pos: int) -> np.ndarray:
@@ -743,8 +796,9 @@ class ShardViews:
         reach = pos - (self.cfg.mix.window - 1)  # no view at pos or later mixes with a position before this
         for old in [q for q in self._unmixed if q < reach]:
             del self._unmixed[old]
+            self._decoded.pop(old, None)
         own = self.unmixed(pos)
-        return mix(own, self.unmixed(self.partner(pos)), self.params[pos])
+        return _mix(own, self.unmixed(self.partner(pos)), self._params(pos))
 
 
 def view_digest(view: np.ndarray) -> int:
@@ -761,9 +815,8 @@ def view_digest(view: np.ndarray) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def eval_view(image: Image.Image, size: int, crop_pct: float, interpolation: str = "bicubic") -> np.ndarray:
+def eval_view(image: np.ndarray | Image.Image, size: int, crop_pct: float, interpolation: str = "bicubic") -> np.ndarray:
     """The evaluation view (timm's eval transform): resize the shorter side to size / crop_pct, centre-crop
     size x size. Deterministic; used for the teacher's cached val logits and the student's evaluation."""
-    img = image if image.mode == "RGB" else image.convert("RGB")
-    img = TF.resize(img, math.floor(size / crop_pct), interpolation=InterpolationMode(interpolation))
+    img = TF.resize(_source_rgb(image), math.floor(size / crop_pct), interpolation=InterpolationMode(interpolation))
     return np.array(TF.center_crop(img, [size, size]), dtype=np.uint8)

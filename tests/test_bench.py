@@ -179,7 +179,8 @@ def test_photos_are_imagenet_like_jpegs_independent_of_the_process_count(tmp_pat
     decoded = [x for i in range(2) for x in read_shard(lists[0], i)]
     assert [x.label for x in decoded] == [0, 1, 2, 3, 0, 1]  # i mod classes
     for x in decoded:
-        assert 375 <= max(x.image.size) <= 500 and 0.7 <= x.image.size[0] / x.image.size[1] <= 1.4
+        height, width = x.image.shape[:2]
+        assert 375 <= max(width, height) <= 500 and 0.7 <= width / height <= 1.4
         assert np.asarray(x.image).std() > 10  # content, not a flat colour
     stamp = (tmp_path / "one" / "made-with.json").stat().st_mtime_ns
     photos.write_photo_shards(tmp_path / "one", 6, 3, classes=4, seed=5, prefix="p")

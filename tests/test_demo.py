@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from timm.data import create_transform
 
 from pipeline.manifest_loader import from_dict
@@ -48,7 +49,7 @@ def test_demo_summary_matches_timm_on_the_test_split(tiny_cache, tmp_path, monke
 
     shardlist = load_shardlist(test_list)
     samples = [s for shard in range(len(shardlist.shards)) for s in read_shard(shardlist, shard)]
-    images, labels = [s.image for s in samples], np.array([s.label for s in samples])
+    images, labels = [Image.fromarray(s.image) for s in samples], np.array([s.label for s in samples])
     m = tiny_cache.manifest()
     teacher = load_teacher(m.teacher, 10)
     teacher_preds = _timm_predictions(teacher.model, teacher.model.pretrained_cfg, m.teacher.img_size, images)

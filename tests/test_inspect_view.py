@@ -143,7 +143,7 @@ def test_the_figure_shows_boxes_views_ops_and_the_top_k_read_independently(tiny_
     d = views.describe(params[pos])
     partner = d["mix"]["partner"]
     samples = {s.pos: s for s in read_shard(load_shardlist(m.data.train), 0)}
-    source, partner_source = samples[pos].image.convert("RGB"), samples[partner].image.convert("RGB")
+    source, partner_source = samples[pos].image, samples[partner].image  # decoded (H, W, 3) RGB pixels
 
     suptitle = fig.get_suptitle()
     assert all(f in suptitle for f in ("caches/tiny", "epoch 0", "shard 0", f"position {pos}", samples[pos].key))

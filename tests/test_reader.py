@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.reader import (ShardEntry, ShardError, ShardList, Span, dataloader_worker, iter_epoch, plan_epoch,
-                             rank_sample_count, read_shard)
+from pipeline.reader import (ShardEntry, ShardError, ShardList, Span, dataloader_worker, decode_image, iter_epoch,
+                             plan_epoch, rank_sample_count, read_shard)
 from pipeline.shards import load_shardlist
 
 
@@ -54,8 +54,8 @@ def test_read_shard_yields_tar_order_positions_labels_and_pixels(tmp_path):
     assert [(s.shard, s.pos, s.key, s.label, s.padded) for s in samples] == [
         (0, i, f"k{i}", i % 3, False) for i in range(5)]
     for i, s in enumerate(samples):
-        assert s.image.mode == "RGB"
-        assert np.array_equal(np.asarray(s.image), np.asarray(Image.open(io.BytesIO(png(i)))))
+        assert s.image.dtype == np.uint8 and s.image.shape[2] == 3
+        assert np.array_equal(s.image, np.asarray(Image.open(io.BytesIO(png(i))).convert("RGB")))
     raw = list(read_shard(shardlist, 0, decode=False))
     assert [s.image for s in raw] == [png(i) for i in range(5)]
     middle = list(read_shard(shardlist, 0, start=1, stop=4, decode=False))
@@ -292,3 +292,43 @@ def test_dataloader_worker_reports_torch_workers():
     assert dataloader_worker() == (0, 1)
     got = list(torch.utils.data.DataLoader(Workers(), batch_size=None, num_workers=2))
     assert sorted((int(w), int(n)) for w, n in got) == [(0, 2), (1, 2)]
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _encoded(img: Image.Image, fmt: str, **save) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def test_decode_image_gives_pils_rgb_pixels_for_every_kind_of_image():
+    """Every stage decodes with `decode_image` (torchvision's libjpeg-turbo for YCbCr and greyscale JPEGs, PIL
+    for the rest): the pixels must be PIL's `Image.open(...).convert("RGB")`, timm's decode, bit for bit."""
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((133, 97), Image.BICUBIC)
+    noisy = Image.fromarray(rng.integers(0, 256, (61, 83, 3), dtype=np.uint8))
+    cases = {f"jpeg {name} {sub}": _encoded(img, "JPEG", quality=q, subsampling=sub)
+             for name, img in (("smooth", smooth), ("noisy", noisy))
+             for sub, q in ((0, 95), (1, 90), (2, 75))}  # 4:4:4, 4:2:2, 4:2:0
+    cases |= {
+        "jpeg progressive": _encoded(smooth, "JPEG", quality=85, progressive=True),
+        "jpeg greyscale": _encoded(smooth.convert("L"), "JPEG", quality=90),
+        "jpeg cmyk": _encoded(smooth.convert("CMYK"), "JPEG", quality=90),
+        "png rgba": _encoded(smooth.convert("RGBA"), "PNG"),
+        "png palette": _encoded(smooth.convert("P"), "PNG"),
+        "png greyscale": _encoded(smooth.convert("L"), "PNG"),
+    }
+    for name, data in cases.items():
+        got = decode_image(data)
+        want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert got.dtype == np.uint8 and got.shape == want.shape, name
+        assert np.array_equal(got, want), name
+
+
+def test_decode_image_refuses_truncated_and_foreign_bytes_as_pil_does():
+    data = _encoded(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG")
+    for bad in (data[: len(data) // 2], b"not an image at all"):
+        with pytest.raises(OSError):
+            decode_image(bad)

@@ -330,10 +330,10 @@ def test_a_cache_of_the_previous_recipe_version_is_refused_naming_the_field(tiny
 
     root = cache.open_cache(str(cache_copy), mode="r+")
     expected = dict(root.attrs)
-    assert expected["recipe"]["version"] == views.RECIPE_VERSION == "views/3"
+    assert expected["recipe"]["version"] == views.RECIPE_VERSION == "views/4"
     root.attrs["recipe"] = {**expected["recipe"], "version": "views/1"}  # a cache filled before this recipe
     with pytest.raises(cache.CacheError, match=r"built with a different recipe: at recipe.version the cache has "
-                                               r"\"views/1\", the run spec has \"views/3\".*set views back"):
+                                               r"\"views/1\", the run spec has \"views/4\".*set views back"):
         check_fingerprint(root, expected, str(cache_copy))
 
 

@@ -172,3 +172,19 @@ def test_pretrained_weights_that_cannot_be_fetched_name_the_offline_fixes(tmp_pa
         out = subprocess.run([sys.executable, "-c", code, name], env=env, capture_output=True, text=True, timeout=300)
         assert f"teacher.model={name!r}: its pretrained weights could not be loaded" in out.stdout, out.stderr[-2000:]
         assert "point teacher.checkpoint at a local weights file" in out.stdout and fix in out.stdout
+
+
+def test_normalize_is_timms_normalisation_in_either_memory_order():
+    """(x / 255 - mean) / std of the uint8 views, as torchvision's ToTensor + Normalize (timm's eval and train
+    transforms) compute it, bit for bit; contiguous or in the views' own channels_last order."""
+    import torchvision.transforms as T
+
+    from pipeline.teacher import normalize
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    views = torch.randint(0, 256, (3, 17, 13, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    timm_way = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    want = torch.stack([timm_way(v.numpy()) for v in views])
+    plain, last = normalize(views, mean, std), normalize(views, mean, std, channels_last=True)
+    assert plain.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, want) and torch.equal(last, want)

@@ -2,6 +2,7 @@
 
 import json
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -233,6 +234,19 @@ def test_crop_matches_torchvision_resized_crop_on_the_pixel_box():
             mode = InterpolationMode(V.describe(params)["crop"]["interpolation"])
             expected = TF.resized_crop(image, int(top), int(left), int(h), int(w), [12, 12], interpolation=mode)
             assert np.array_equal(V.render(image, params, 12, cfg), np.asarray(expected))
+            # the stages render from decoded pixels (reader.decode_image), handing PIL only the crop box
+            assert np.array_equal(V.render(np.asarray(image), params, 12, cfg), np.asarray(expected))
+
+
+def test_decoded_pixels_and_pil_images_render_the_same_views_and_eval_views():
+    image = noise_image(53, 37)
+    pixels = np.asarray(image)
+    assert V.image_size(pixels) == image.size == (53, 37)
+    cfg = ViewsCfg()
+    for p in range(8):
+        params = V.sample_params(cfg, 0, 0, p, 8, image.size, size=SIZE)
+        assert np.array_equal(V.render_unmixed(pixels, params, 20, cfg), V.render_unmixed(image, params, 20, cfg))
+    assert np.array_equal(V.eval_view(pixels, 16, 0.875), V.eval_view(image, 16, 0.875))
 
 
 def test_crop_falls_back_to_the_centre_crop_of_a_thin_image():
@@ -416,8 +430,8 @@ def test_shard_views_render_each_unmixed_view_once_and_equal_render(monkeypatch)
         partner = p if partner not in images else partner
         expected[p] = V.render(SHARD[p], params[p], 16, cfg, SHARD[partner], params[partner])
     rendered = []
-    render_unmixed = V.render_unmixed
-    monkeypatch.setattr(V, "render_unmixed",
+    render_unmixed = V._render_unmixed  # what ShardViews calls, with the params decoded once
+    monkeypatch.setattr(V, "_render_unmixed",
                         lambda image, p, size, c: rendered.append(p) or render_unmixed(image, p, size, c))
     shard_views = V.ShardViews(images, params, 16, cfg)
     for p in images:
@@ -679,6 +693,23 @@ def test_erasing_noise_is_timms_normal_noise_up_to_clipping_and_rounding():
     assert abs(ours.std() - timm_values.std()) < 0.05 and abs(ours.mean()) < 0.03
     stats = V.erasing_noise_stats(200_000)
     assert 0.02 < stats["clipped_share"] < 0.045 and 0.95 < stats["std"] < 0.99 and stats["ks_vs_normal"] < 0.025
+
+
+def test_erasing_noise_levels_have_the_rounded_normals_probabilities_and_a_frozen_stream():
+    """The table maps 16-bit uniforms to uint8 levels with the probabilities of the rounded, clipped normal (float64
+    truth from scipy, to within one draw in 2**16); the draws are PCG64's raw stream, which numpy keeps frozen, so
+    a view's noise is the same under every numpy: its crc32 is pinned here and moves only with the recipe version."""
+    from scipy.stats import norm
+
+    table = V._noise_table()
+    for c, (mean, std) in enumerate(zip(IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)):
+        edges = norm.cdf(((np.arange(1, 256) - 0.5) / 255.0 - mean) / std)
+        truth = np.diff(np.concatenate([[0.0], edges, [1.0]]))
+        share = np.bincount(table[c], minlength=256) / table.shape[1]
+        assert np.abs(share - truth).max() <= 1.0 / table.shape[1] + 1e-12
+    assert V.RECIPE_VERSION == "views/4" and zlib.crc32(V._noise_u8(12345, 7, 9).tobytes()) == 3359065979
+    assert np.array_equal(V._noise_u8(12345, 7, 9), V._noise_u8(12345, 7, 9))
+    assert not np.array_equal(V._noise_u8(12345, 7, 9), V._noise_u8(12346, 7, 9))
 
 
 def test_a_model_with_other_normalisation_is_warned_about_the_noise():
