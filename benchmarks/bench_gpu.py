@@ -306,17 +306,13 @@ def student_timm_input(s: Settings, m) -> dict:
     """A of issue #13 on the GPU: `_deit_step` without distillation, fed by timm's own input path over the shards
     `student_from_cache` reads, with its number of loader workers and its epochs (per-step images/s, the same
     steady share of the steps as `student_from_cache`)."""
-    import webdataset as wds
-
-    from benchmarks.deit224 import timm_mixup, timm_transform
+    from benchmarks.deit224 import timm_loader, timm_mixup
     from pipeline.shards import load_shardlist
 
     step, device = _deit_step(s)
     urls = [entry.url for entry in load_shardlist(m.data.train).shards]
-    dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(m.student.shuffle_buffer)
-               .decode("pil").to_tuple("jpg", "cls").map_tuple(timm_transform(), int))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=s.student_batch, num_workers=s.workers, drop_last=True,
-                                         pin_memory=device.type == "cuda", persistent_workers=s.workers > 0)
+    loader = timm_loader(urls, s.student_batch, s.workers, m.student.shuffle_buffer, persistent=True,
+                         pin=device.type == "cuda")
     mixup, rates = timm_mixup(), []
     tick = time.perf_counter()
     for _ in range(s.student_epochs):

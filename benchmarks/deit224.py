@@ -118,12 +118,13 @@ def timm_mixup() -> Mixup:
 
 
 def timm_loader(urls: list[str], batch: int, workers: int, shuffle: int,
-                persistent: bool = False) -> torch.utils.data.DataLoader:
-    """timm's input path over webdataset: shuffle the encoded samples, decode, DeiT's transform, batch."""
+                persistent: bool = False, pin: bool = False) -> torch.utils.data.DataLoader:
+    """timm's input path over webdataset: shuffle the encoded samples, decode, DeiT's transform, batch (into
+    pinned memory with `pin`, as timm's loader does on a GPU)."""
     dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(shuffle)
                .decode("pil").to_tuple("jpg", "cls").map_tuple(timm_transform(), int))
     return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True,
-                                       persistent_workers=persistent and workers > 0,
+                                       pin_memory=pin, persistent_workers=persistent and workers > 0,
                                        prefetch_factor=2 if workers else None)
 
 

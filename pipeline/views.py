@@ -13,7 +13,8 @@ recipe constants in the config) and draw no random numbers: the erasing noise co
 generator seeded by the derived `erase_seed`, whose raw stream numpy keeps frozen across versions. So a view rendered from
 the decoded cache entry is the view the teacher saw, at any output resolution.
 
-The pixel operations are torchvision's (`resized_crop`, `hflip`) and timm's RandAugment ops
+The pixel operations are torchvision's (`resized_crop`'s crop then PIL resize, done on the crop box of the
+decoded pixels; `hflip`) and timm's RandAugment ops
 (`timm.data.auto_augment.NAME_TO_OP`) called with explicit arguments; the order and the sampling follow
 DeiT's timm pipeline: RandomResizedCrop, flip, RandAugment, random erasing, then mixup/cutmix with a partner
 drawn inside a window of the same shard whose alignment changes with the epoch (`mix_window`). Where timm draws
