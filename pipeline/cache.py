@@ -237,15 +237,35 @@ def fingerprint(attrs: dict[str, Any]) -> str:
 
 
 def check_fingerprint(root: zarr.Group, expected: dict[str, Any]) -> None:
-    """Raise naming the first field on which the cache and the run spec disagree, with both values."""
+    """Raise naming the first field on which the cache and the run spec disagree (and the place inside it),
+    with both values there."""
     have = dict(root.attrs)
     for field in FINGERPRINT_FIELDS:
-        if field in expected and have.get(field) != _jsonable(expected[field]):
+        found = field in expected and first_difference(have.get(field), _jsonable(expected[field]), field)
+        if found:
+            where, a, b = found
             raise CacheError(
-                f"cache {root.store} was built with a different {field}: cache has {_short(have.get(field))}, "
-                f"the run spec has {_short(expected[field])}. Point cache.path at a new directory, or change "
+                f"cache {root.store} was built with a different {field}: at {where} the cache has {_short(a)}, "
+                f"the run spec has {_short(b)}. Point cache.path at a new directory, or change "
                 f"the manifest's {field} back to the cache's value."
             )
+
+
+def first_difference(have, want, path: str) -> tuple[str, object, object] | None:
+    """The dotted path of the first place two JSON values differ, with both values there."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in sorted(set(have) | set(want), key=str):
+            found = first_difference(have.get(key), want.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
+        for i, (a, b) in enumerate(zip(have, want)):
+            found = first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if have == want else (path, have, want)
 
 
 def _jsonable(value: Any) -> Any:

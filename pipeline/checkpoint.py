@@ -85,7 +85,7 @@ class Checkpointer:
     def restore(self, learner) -> Progress:
         """Load last.pth into the learner (model, optimizer, scheduler, EMA) when there is one; refuses a
         checkpoint made with another run spec, naming the first field that differs."""
-        from pipeline.student_data import first_difference
+        from pipeline.cache import first_difference
 
         if not self.path.exists():
             return Progress()

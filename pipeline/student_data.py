@@ -77,23 +77,6 @@ class ViewDriftError(cache.CacheError):
 # --------------------------------------------------------------------------------------------- checks
 
 
-def first_difference(have, want, path: str) -> tuple[str, object, object] | None:
-    """The dotted path of the first place two JSON values differ, with both values there."""
-    if isinstance(have, dict) and isinstance(want, dict):
-        for key in sorted(set(have) | set(want), key=str):
-            found = first_difference(have.get(key), want.get(key), f"{path}.{key}")
-            if found:
-                return found
-        return None
-    if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
-        for i, (a, b) in enumerate(zip(have, want)):
-            found = first_difference(a, b, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    return None if have == want else (path, have, want)
-
-
 def _short(value, limit: int = 160) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -105,7 +88,7 @@ def check_fingerprint(root, expected: dict, cache_path: str) -> None:
     have = json.loads(json.dumps(dict(root.attrs)))
     want = json.loads(json.dumps(expected))  # tuples become lists, as in the stored attributes
     for field in cache.FINGERPRINT_FIELDS:
-        found = first_difference(have.get(field), want.get(field), field)
+        found = cache.first_difference(have.get(field), want.get(field), field)
         if found:
             where, a, b = found
             raise cache.CacheError(

@@ -56,7 +56,6 @@ from tqdm import tqdm
 from pipeline import cache
 from pipeline.manifest import Manifest, ManifestError, to_dict
 from pipeline.manifest_loader import load, read_yaml_mapping
-from pipeline.student_data import first_difference
 # loads torch and timm once, before any fork
 from pipeline.train import CHECKPOINT, ERROR, RESULT, RESUMABLE_CHANGES, pass_key, train_shared
 
@@ -200,7 +199,7 @@ def check_finished(run: PlannedRun, fingerprint: str) -> None:
                          f"or give the sweep another name")
     have = {k: v for k, v in result["config"]["student"].items() if k not in RESUMABLE_CHANGES}
     want = {k: v for k, v in to_dict(run.manifest.student).items() if k not in RESUMABLE_CHANGES}
-    found = first_difference(have, want, "student")
+    found = cache.first_difference(have, want, "student")
     if found:
         where, was, now = found
         raise SweepError(f"{run.run_dir} finished with {where}={was!r}, but the sweep now asks for {now!r}: remove "

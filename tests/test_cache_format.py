@@ -186,3 +186,15 @@ def test_the_readmes_numpy_recipe_rebuilds_the_losss_distribution(tmp_path):
     ours = sparse_teacher_log_probs(answers["topk_logprobs"], answers["topk_ids"], answers["log_leftover"], C).exp()
     np.testing.assert_allclose(scope["p"], ours.double().numpy(), atol=5e-6)  # the loss computes in float32
     np.testing.assert_allclose(scope["p"].sum(1), 1.0, atol=1e-9)
+
+
+def test_stage_1_refuses_a_cache_of_another_recipe_naming_the_place_that_differs(tmp_path):
+    """Filling into a cache of another recipe version (an upgrade) names `recipe.version` and both values, not
+    the whole recipe cut short."""
+    recipe = views.recipe(ViewsCfg())
+    root = zarr.open_group(str(tmp_path / "cache"), mode="w")
+    root.attrs.update({"seed": 0, "recipe": {**recipe, "version": "views/3"}})
+    with pytest.raises(cache.CacheError, match=r"different recipe: at recipe\.version the cache has \"views/3\", "
+                                               r"the run spec has \"views/4\""):
+        cache.check_fingerprint(root, {"seed": 0, "recipe": recipe})
+    cache.check_fingerprint(root, {"seed": 0})  # fields the run spec leaves out are not compared
