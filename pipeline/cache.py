@@ -229,6 +229,16 @@ SCHEMA_KEY = "schema"
 
 # attributes that define what the cached numbers mean; a student that disagrees on any of them must stop
 FINGERPRINT_FIELDS = ("seed", "top_k", "recipe", "teacher", "classes", "shards", "teacher_size")
+FINGERPRINT_KEYS = {  # the manifest keys that decide each fingerprint field
+    "seed": "views.seed",
+    "top_k": "cache.top_k",
+    "recipe": "views",
+    "teacher": "teacher.model / teacher.model_args / teacher.checkpoint / teacher.img_size",
+    "classes": "the class map of data.train",
+    "shards": "data.train / data.val",
+    "teacher_size": "teacher.img_size",
+}
+FILL_FIX = "Point cache.path at a new directory, or set {key} back to the cache's value."
 
 
 def fingerprint(attrs: dict[str, Any]) -> str:
@@ -236,19 +246,19 @@ def fingerprint(attrs: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def check_fingerprint(root: zarr.Group, expected: dict[str, Any]) -> None:
+def check_fingerprint(root: zarr.Group, expected: dict[str, Any], name: str | None = None,
+                      fix: str = FILL_FIX) -> None:
     """Raise naming the first field on which the cache and the run spec disagree (and the place inside it),
-    with both values there."""
+    with both values there and `fix` ({field}, {key}: the manifest keys to change). Fields `expected` leaves
+    out are not compared."""
     have = dict(root.attrs)
     for field in FINGERPRINT_FIELDS:
-        found = field in expected and first_difference(have.get(field), _jsonable(expected[field]), field)
+        found = field in expected and first_difference(_jsonable(have.get(field)), _jsonable(expected[field]), field)
         if found:
             where, a, b = found
             raise CacheError(
-                f"cache {root.store} was built with a different {field}: at {where} the cache has {_short(a)}, "
-                f"the run spec has {_short(b)}. Point cache.path at a new directory, or change "
-                f"the manifest's {field} back to the cache's value."
-            )
+                f"cache {name or root.store} was built with a different {field}: at {where} the cache has "
+                f"{_short(a)}, the run spec has {_short(b)}. " + fix.format(field=field, key=FINGERPRINT_KEYS[field]))
 
 
 def first_difference(have, want, path: str) -> tuple[str, object, object] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ NUM_CLASSES = 1000  # ImageNet-1k's class map
 USED_CLASSES = range(0, NUM_CLASSES, 20)  # 50 classes spread over the map: ids up to 980, so K < C and ids > 255
 TRAIN_PER_CLASS, VAL_PER_CLASS = 2, 1
 SIDE = (100, 500)  # the shorter and longer side of the generated photos lie in this range
+
+
+OUTPUTS = ("photos", "shards", "regnety_160-random.pth.tar", "cache", "student", "verify.json", "stats",
+           "summary.json")  # what a run writes under its out directory
 
 
 class SmokeError(RuntimeError):
@@ -82,6 +87,18 @@ def write_random_teacher(m, path: Path, seed: int = 0) -> None:
     tmp.replace(path)
 
 
+def clear_previous(out: Path) -> None:
+    """Remove what an earlier smoke run wrote under `out` (its names only, nothing else there): the smoke run
+    checks the whole pipeline each time, and an earlier cache (of another recipe version, say) would be refused
+    or reused instead of rebuilt."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _cli(*args: str) -> None:
     """One `distill` command, in this process, exactly as the command line parses it."""
     from pipeline.cli import main
@@ -91,8 +108,10 @@ def _cli(*args: str) -> None:
 
 def run(out: str | Path = "runs/real-smoke", manifest: str = "manifests/real_smoke.yaml",
         progress: bool = False) -> dict:
-    """Every stage in turn; writes and returns the summary. Raises SmokeError naming a stage that failed."""
+    """Every stage in turn, from scratch; writes and returns the summary. Raises SmokeError naming a stage
+    that failed."""
     out = Path(out)
+    clear_previous(out)
     paths = {"data.train": out / "shards" / "train" / "shardlist.json",
              "data.val": out / "shards" / "val" / "shardlist.json",
              "teacher.checkpoint": out / "regnety_160-random.pth.tar",

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 import warnings
@@ -56,17 +55,6 @@ log = logging.getLogger(__name__)
 CACHED_FIELDS = ("topk_logprobs", "topk_ids", "log_leftover", "digest", "view") + cache.TAIL_FIELDS
 
 # fingerprint field -> the manifest keys that produce it (for the fix in a mismatch message)
-FINGERPRINT_KEYS = {
-    "seed": "views.seed",
-    "top_k": "cache.top_k",
-    "recipe": "views",
-    "teacher": "teacher.model / teacher.model_args / teacher.checkpoint / teacher.img_size",
-    "classes": "the class map of data.train",
-    "shards": "data.train / data.val",
-    "teacher_size": "teacher.img_size",
-}
-
-
 REPEAT_PARTITION = 7  # tags the seed of the repeated-augmentation partition (TrainSet.selected)
 
 
@@ -77,25 +65,12 @@ class ViewDriftError(cache.CacheError):
 # --------------------------------------------------------------------------------------------- checks
 
 
-def _short(value, limit: int = 160) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def check_fingerprint(root, expected: dict, cache_path: str) -> None:
     """Stop before training when the cache was not built from this run spec: name the field (and the
     place inside it), both values, and the manifest key to change."""
-    have = json.loads(json.dumps(dict(root.attrs)))
-    want = json.loads(json.dumps(expected))  # tuples become lists, as in the stored attributes
-    for field in cache.FINGERPRINT_FIELDS:
-        found = cache.first_difference(have.get(field), want.get(field), field)
-        if found:
-            where, a, b = found
-            raise cache.CacheError(
-                f"cache {cache_path} was built with a different {field}: at {where} the cache has {_short(a)}, "
-                f"the run spec has {_short(b)}. The cached answers hold only for the cache's own {field}: point "
-                f"cache.path at a cache built from this manifest (`make teacher-cache`), or set "
-                f"{FINGERPRINT_KEYS[field]} back to what the cache was built with.")
+    cache.check_fingerprint(root, expected, cache_path, fix=(
+        "The cached answers hold only for the cache's own {field}: point cache.path at a cache built from this "
+        "manifest (`make teacher-cache`), or set {key} back to what the cache was built with."))
 
 
 def cache_epochs_used(student_epochs: int, repeats: int = 1) -> int:

@@ -8,7 +8,8 @@ import click
 
 @click.command("real-smoke")
 @click.option("--out", default="runs/real-smoke", show_default=True, type=click.Path(file_okay=False),
-              help="Where the photos, shards, teacher checkpoint, cache, student and summary.json go.")
+              help="Where the photos, shards, teacher checkpoint, cache, student and summary.json go (an earlier "
+                   "smoke run's are removed first).")
 @click.option("--manifest", default="manifests/real_smoke.yaml", show_default=True, type=click.Path(dir_okay=False),
               help="The recipe (its data, checkpoint, cache and run paths are put under --out).")
 @click.option("--progress/--no-progress", default=False, show_default=True)

@@ -73,3 +73,19 @@ def _student_state(run_dir: Path) -> dict:
                 if isinstance(value, dict) and any("blocks.11." in str(name) for name in value):
                     return value
     raise AssertionError(f"no student checkpoint in {run_dir}: {sorted(p.name for p in run_dir.iterdir())}")
+
+
+def test_a_rerun_removes_what_the_previous_smoke_run_wrote_and_nothing_else(tmp_path):
+    from pipeline.real_smoke import OUTPUTS, clear_previous
+
+    for name in OUTPUTS:
+        path = tmp_path / name
+        if "." in name:
+            path.write_text("old")
+        else:
+            (path / "inner").mkdir(parents=True)
+            (path / "inner" / "file").write_text("old")
+    (tmp_path / "notes.txt").write_text("the user's own")
+    clear_previous(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    clear_previous(tmp_path / "absent")  # a first run: nothing to remove
