@@ -91,7 +91,7 @@ bench: $(STAMP)
 real-smoke: $(STAMP)
 	$(DISTILL) real-smoke $(ARGS)
 
-# GPU numbers (benchmarks/bench_gpu.py): needs no install, only torch/timm/numpy/Pillow/zarr/webdataset importable
+# GPU numbers (benchmarks/bench_gpu.py): needs no install, only torch/timm/numpy/Pillow/simplejpeg/zarr/webdataset importable
 # by the venv's python (or $(PYTHON) where there is no venv); skips with a message where CUDA is absent.
 bench-gpu:
 	PYTHONPATH=$(CURDIR) $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON)) -m benchmarks.bench_gpu $(ARGS)

@@ -304,7 +304,7 @@ def _encoded(img: Image.Image, fmt: str, **save) -> bytes:
 
 
 def test_decode_image_gives_pils_rgb_pixels_for_every_kind_of_image():
-    """Every stage decodes with `decode_image` (torchvision's libjpeg-turbo for YCbCr and greyscale JPEGs, PIL
+    """Every stage decodes with `decode_image` (simplejpeg's libjpeg-turbo for YCbCr and greyscale JPEGs, PIL
     for the rest): the pixels must be PIL's `Image.open(...).convert("RGB")`, timm's decode, bit for bit."""
     rng = np.random.default_rng(0)
     smooth = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((133, 97), Image.BICUBIC)
@@ -325,6 +325,32 @@ def test_decode_image_gives_pils_rgb_pixels_for_every_kind_of_image():
         want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         assert got.dtype == np.uint8 and got.shape == want.shape, name
         assert np.array_equal(got, want), name
+
+
+def test_both_stages_decode_jpegs_with_simplejpeg(tmp_path, monkeypatch):
+    """Stage 1 reads its shards with `read_shard` (decoding), the student re-decodes the encoded bytes it keeps
+    (`student_data.EncodedImages`): both go through simplejpeg, to the same pixels."""
+    import simplejpeg
+
+    from pipeline import reader
+    from pipeline.student_data import EncodedImages
+
+    calls, decode_jpeg = [], simplejpeg.decode_jpeg
+
+    def counted(data, *args, **kwargs):
+        calls.append(len(data))
+        return decode_jpeg(data, *args, **kwargs)
+
+    monkeypatch.setattr(reader.simplejpeg, "decode_jpeg", counted)
+    rng = np.random.default_rng(1)
+    photos = [_encoded(Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)), "JPEG") for i in range(3)]
+    shardlist = listed(tmp_path, [(tar_of(tmp_path / "s.tar", [m for i, p in enumerate(photos)
+                                                                for m in ((f"k{i}.cls", b"1"), (f"k{i}.jpg", p))]), 3)])
+    stage_1 = [s.image for s in read_shard(shardlist, 0)]
+    assert calls == [len(p) for p in photos]
+    student = EncodedImages({s.pos: s.image for s in read_shard(shardlist, 0, decode=False)}, "s.tar")
+    assert all(np.array_equal(student[pos], pixels) for pos, pixels in enumerate(stage_1))
+    assert calls == [len(p) for p in photos] * 2
 
 
 def test_decode_image_refuses_truncated_and_foreign_bytes_as_pil_does():
