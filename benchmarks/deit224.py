@@ -14,7 +14,7 @@ number of loader workers on every side. Paired in one run, interleaved (A B C A 
   reads from it costs the same whatever teacher wrote it.
 - C: A with the teacher run online on the same mixed batch (DeiT's setting), hard distillation.
 
-Reported: images/s of each (median per-step rate, the first step left out), B/A, (C time / B time) as a
+Reported: images/s of each (median per-step rate, the warm-up steps left out), B/A, (C time / B time) as a
 share of the ideal (t_s + t_t) / t_s from the student's step and the teacher's forward measured on
 pre-made batches in the same repetitions, replay ms per view against timm's decode + transform + Mixup per
 view on the same files (one core, in process), and the project loader's first-batch time of an epoch
@@ -22,9 +22,9 @@ against its steady batch time, over consecutive epochs with persistent workers: 
 (workers starting) and the epochs after it (the state a long run is in), beside the loader started anew
 each epoch (as before persistent workers) and timm's path.
 
-On a CPU every step is the model's: a 224 px DeiT-Ti step costs seconds, so the loops run a few steps
-each and the data path hides behind them; the numbers that speak for the data path there are the per-view
-ones. On a GPU (`--device cuda`) the same code measures the real race.
+On a CPU every step is the model's: a 224 px DeiT-Ti step costs tens of milliseconds per image, so the
+loops run a few steps each and the data path hides behind them; the numbers that speak for the data path
+there are the per-view ones. On a GPU (`--device cuda`) the same code measures the real race.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 from timm.data import Mixup, auto_augment, create_transform
+from timm.optim import create_optimizer_v2
 
 from benchmarks.markdown import met, num, table
 from benchmarks.photos import mean_file_bytes, source_names, write_photo_shards
@@ -67,7 +68,10 @@ SIZE = 224
 class Setup:
     photos: int  # the replay comparison's photos (DeiT-like sizes, ~110 KB)
     photo_shard: int
-    loop_steps: int  # steps of each training loop per repetition (plus one warm-up step)
+    warmup_steps: int  # untimed steps at the start of each training loop: the first steps of a loop run
+                       # slower (allocations, the optimizer's state, the loader's early prefetch competing
+                       # with the step for the cores) on every side alike
+    loop_steps: int  # timed steps of each training loop per repetition, after the warm-up steps
     batch: int
     workers: int  # loader workers on every side
     reps: int
@@ -81,9 +85,9 @@ class Setup:
     filler_args: dict
 
 
-FULL = Setup(photos=512, photo_shard=128, loop_steps=3, batch=8, workers=1, reps=2, model_calls=1,
+FULL = Setup(photos=512, photo_shard=128, warmup_steps=3, loop_steps=5, batch=8, workers=1, reps=2, model_calls=1,
              loader_photos=128, loader_epochs=4, student_args={}, teacher="regnety_160", teacher_args={}, filler="regnety_002", filler_args={})
-QUICK = Setup(photos=32, photo_shard=16, loop_steps=2, batch=4, workers=1, reps=1, model_calls=1,
+QUICK = Setup(photos=32, photo_shard=16, warmup_steps=1, loop_steps=2, batch=4, workers=1, reps=1, model_calls=1,
               loader_photos=32, loader_epochs=3, student_args={"depth": 1}, teacher="regnety_002", teacher_args={}, filler="regnety_002",
               filler_args={})
 
@@ -137,7 +141,8 @@ class Models:
         self.student = timm.create_model(STUDENT, num_classes=CLASSES, drop_path_rate=0.1,
                                          **setup.student_args).to(device)
         self.student.set_distilled_training(True)
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=5e-4, weight_decay=0.05)
+        # timm's factory, as DeiT's main.py and the project's trainer build it (no decay on norms and biases)
+        self.optimizer = create_optimizer_v2(self.student, opt="adamw", lr=5e-4, weight_decay=0.05)
         self.teacher = timm.create_model(setup.teacher, num_classes=CLASSES, **setup.teacher_args)
         self.teacher = self.teacher.eval().requires_grad_(False).to(device)
         self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -169,9 +174,10 @@ def _sync(device: torch.device) -> None:
 
 
 def timm_loop(models: Models, urls: list[str], setup: Setup, online: bool) -> list[float]:
-    """Per-step images/s of A (or C with `online`) over `loop_steps + 1` batches."""
+    """Per-step images/s of A (or C with `online`) over `warmup_steps + loop_steps` batches."""
     mixup, device, rates = timm_mixup(), models.device, []
-    loader = timm_loader(urls, setup.batch, setup.workers, shuffle=setup.batch * (setup.loop_steps + 1))
+    steps = setup.warmup_steps + setup.loop_steps
+    loader = timm_loader(urls, setup.batch, setup.workers, shuffle=setup.batch * steps)
     tick = time.perf_counter()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -183,7 +189,7 @@ def timm_loop(models: Models, urls: list[str], setup: Setup, online: bool) -> li
         now = time.perf_counter()
         rates.append(setup.batch / (now - tick))
         tick = now
-        if len(rates) == setup.loop_steps + 1:
+        if len(rates) == steps:
             break
     return rates
 
@@ -389,7 +395,7 @@ def measure(work: Path, photo_dir: Path, quick: bool, device: str = "cpu") -> di
     kind = "quick" if quick else "full"
     photos = write_photo_shards(photo_dir / f"{kind}-replay", setup.photos, setup.photo_shard, CLASSES, seed=0,
                                 prefix="photo")
-    loop_count = setup.batch * (setup.loop_steps + 1)
+    loop_count = setup.batch * (setup.warmup_steps + setup.loop_steps)
     loop_list = write_photo_shards(photo_dir / f"{kind}-loop-b{setup.batch}", loop_count, loop_count, CLASSES,
                                    seed=1, prefix="loop")
     val_list = write_photo_shards(photo_dir / f"{kind}-val", 16, 16, CLASSES, seed=2, prefix="val")
@@ -411,9 +417,10 @@ def measure(work: Path, photo_dir: Path, quick: bool, device: str = "cpu") -> di
     def steady(rates_fn: Callable[[], list[float]]) -> Callable[[], float]:
         def run():
             rates = rates_fn()
-            if len(rates) < 2:
-                raise RuntimeError(f"a 224 px loop made {len(rates)} steps; the bench needs at least two")
-            return statistics.median(rates[1:])
+            if len(rates) <= setup.warmup_steps:
+                raise RuntimeError(f"a 224 px loop made {len(rates)} steps; the bench needs more than "
+                                   f"{setup.warmup_steps} (the warm-up)")
+            return statistics.median(rates[setup.warmup_steps:])
         return run
 
     runs = interleave({
@@ -487,8 +494,8 @@ def markdown(r: dict) -> list[str]:
              f"{s['reps']} interleaved repetitions (median, min-max). Photos: {r['photos']['replay_set']} "
              f"ImageNet-like JPEGs for the per-view comparison and {r['photos']['loop_set']} for the loops "
              f"(mean {num(r['photos']['mean_jpeg_bytes'] / 1e3)} KB, cut from {', '.join(r['photos']['sources']) if isinstance(r['photos']['sources'], list) else r['photos']['sources']}). Each loop "
-             f"runs {s['loop_steps']} steps after a warm-up step"
-             + (": on a CPU the step is the model's (a 224 px DeiT-Ti step costs seconds), so A, B and C mostly "
+             f"runs {s['loop_steps']} timed steps after {s['warmup_steps']} warm-up step(s)"
+             + (": on a CPU the step is the model's (a 224 px DeiT-Ti step costs tens of milliseconds per image), so A, B and C mostly "
                 "measure the models and the per-view rows below are what speaks for the data path." if
                 r["device"] == "cpu" else "."), ""]
             + table(["loop", "images/s", "vs A", "what"], rows)
