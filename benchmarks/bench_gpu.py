@@ -17,7 +17,9 @@ Measures, each on its own so that one failure still reports the others:
   timm's own input path over the same shards with as many loader workers: webdataset, DeiT's `create_transform`
   in the workers, `Mixup` on the device batch. `b_over_a_224` = `student` / this (goal of issue #13: >= 1).
 - `student_sweep`: four DeiT-Ti students (hard, soft, none, hard at twice the lr) trained from that cache on
-  one shared data pass (`pipeline.train.train_shared`) against the same four one after another.
+  one shared data pass (`pipeline.train.train_shared`) against the same four one after another;
+  `student_sweep_demo_student`: the same with the demo's student (embed 64, depth 4) at 224/16, issue #14's
+  setting (goal: shared / separate <= 0.4).
 - `nccl`: an all-reduce over NCCL (a one-rank group on a single GPU, the torchrun group under torchrun),
   checked for the right sum, with its bus bandwidth.
 
@@ -209,18 +211,24 @@ def student_from_cache(s: Settings, work: Path, m) -> dict:
             "run_images_per_s": result["steps"] * m.student.batch_size / wall}
 
 
-def student_sweep(s: Settings, work: Path, m) -> dict:
+DEMO_STUDENT = {"embed_dim": 64, "depth": 4, "num_heads": 2}  # manifests/demo.yaml's student, here at 224/16
+
+
+def student_sweep(s: Settings, work: Path, m, model_args: dict | None = None) -> dict:
     """Four students of a sweep (hard, soft, none, hard at twice the lr) from the cache: one shared data pass
-    (`train_shared`) against the same four trained one after another (`train`), wall time, warm process."""
+    (`train_shared`) against the same four trained one after another (`train`), wall time, warm process.
+    `model_args`: the students' size (DeiT-Ti without; `DEMO_STUDENT` is issue #14's setting)."""
     from pipeline.distributed import World
     from pipeline.train import train, train_shared
 
     variants = (("hard", 1.0), ("soft", 1.0), ("none", 1.0), ("hard", 2.0))
+    tag = "demo-student" if model_args else "deit-tiny"
 
-    def students(tag: str) -> list:
+    def students(side: str) -> list:
         return [dataclasses.replace(m, student=dataclasses.replace(
             m.student, distillation=mode, optim=dataclasses.replace(m.student.optim, lr=m.student.optim.lr * scale),
-            run_dir=str(work / "sweep" / tag / f"student-{i}"))) for i, (mode, scale) in enumerate(variants)]
+            model_args=model_args or m.student.model_args, run_dir=str(work / "sweep" / tag / side / f"student-{i}")))
+            for i, (mode, scale) in enumerate(variants)]
 
     started = time.perf_counter()
     results = train_shared(students("shared"), World(0, 1, None), progress=False)
@@ -232,8 +240,9 @@ def student_sweep(s: Settings, work: Path, m) -> dict:
     for one in students("separate"):
         train(one, World(0, 1, None), progress=False)
     separate = time.perf_counter() - started
-    return {"students": len(variants), "epochs": m.student.epochs, "batch": m.student.batch_size,
-            "shared_s": round(shared, 2), "separate_s": round(separate, 2), "shared_over_separate": shared / separate}
+    return {"students": len(variants), "model_args": model_args or m.student.model_args, "epochs": m.student.epochs,
+            "batch": m.student.batch_size, "steps": results[0]["steps"], "shared_s": round(shared, 2),
+            "separate_s": round(separate, 2), "shared_over_separate": shared / separate}
 
 
 def _synthetic_batch(b: int, pin: bool, k: int = 10) -> dict:
@@ -263,31 +272,11 @@ def student_synthetic(s: Settings, m) -> dict:
 
 
 def _deit_step(s: Settings):
-    """(step(x, target, teacher_ids or None), device): a plain timm/torch DeiT-Ti training step (bf16 autocast,
-    channels_last input, AdamW): the class head on the mixed ground truth, the distillation head on the
-    teacher's argmax (hard) or, without teacher ids, on the ground truth too."""
-    import timm
-    import torch.nn.functional as F
+    """(`deit224.deit_step` of DeiT-Ti on the device, the device)."""
+    from benchmarks.deit224 import deit_step
 
     device = torch.device(s.device)
-    torch.manual_seed(0)
-    model = timm.create_model(STUDENT, num_classes=CLASSES, drop_path_rate=0.1).to(device)
-    model.set_distilled_training(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05,
-                                  fused=device.type == "cuda")
-    forward = torch.compile(model) if s.compile else model
-
-    def step(x: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cls_logits, dist_logits = forward(x)
-        base = torch.sum(-target * F.log_softmax(cls_logits.float(), 1), 1).mean()
-        distill = (torch.sum(-target * F.log_softmax(dist_logits.float(), 1), 1).mean() if teacher is None
-                   else F.cross_entropy(dist_logits.float(), teacher))
-        optimizer.zero_grad(set_to_none=True)
-        (0.5 * base + 0.5 * distill).backward()
-        optimizer.step()
-
-    return step, device
+    return deit_step(device, compile=s.compile), device
 
 
 def student_plain(s: Settings) -> dict:
@@ -409,6 +398,7 @@ def run(s: Settings, out: Path, work: Path) -> dict:
                 _attempt(results, "student_from_cache", lambda: student_from_cache(s, work, m))
                 _attempt(results, "student_timm_input", lambda: student_timm_input(s, m))
                 _attempt(results, "student_sweep", lambda: student_sweep(s, work, m))
+                _attempt(results, "student_sweep_demo_student", lambda: student_sweep(s, work, m, DEMO_STUDENT))
             _attempt(results, "student_synthetic", lambda: student_synthetic(s, m))
         _attempt(results, "student_plain", lambda: student_plain(s))
     _attempt(results, "nccl", lambda: nccl_all_reduce(s.device))
@@ -447,10 +437,11 @@ def summary(results: dict) -> str:
                      f"images/s; from the cache / A = {results['b_over_a_224']:.2f}")
     if "student_data_share" in results:
         lines.append(f"  data path share of the synthetic step rate: {results['student_data_share']:.2f}")
-    if "student_sweep" in meas:
-        sw = meas["student_sweep"]
-        lines.append(f"  sweep of {sw['students']} students: one shared pass {sw['shared_s']} s, one after another "
-                     f"{sw['separate_s']} s: shared / separate = {sw['shared_over_separate']:.2f}")
+    for name, what in (("student_sweep", "DeiT-Ti"), ("student_sweep_demo_student", "demo-student (issue #14)")):
+        if name in meas:
+            sw = meas[name]
+            lines.append(f"  sweep of {sw['students']} {what} students: one shared pass {sw['shared_s']} s, one after "
+                         f"another {sw['separate_s']} s: shared / separate = {sw['shared_over_separate']:.2f}")
     lines.append(f"  nccl all-reduce: {'ok' if meas.get('nccl', {}).get('ok') else 'n/a'} "
                  f"(world {get('nccl', 'world_size')}, {get('nccl', 'payload_mib')} MiB in {get('nccl', 'all_reduce_ms')} ms)")
     for name, error in results["errors"].items():
@@ -481,12 +472,12 @@ def markdown(runs: list[tuple[str, dict]]) -> list[str]:
              "DeiT-Ti from that cache (hard distillation, batch 128).", "",
              "| run | GPU, torch | teacher forward views/s (compiled) | stage 1 views/s (share of forward) | "
              "student from cache img/s (B) | timm's input path img/s (A) | B / A | synthetic step img/s | "
-             "plain timm step img/s | 4-student sweep shared / separate | NCCL |",
+             "plain timm step img/s | 4-student sweep shared / separate: DeiT-Ti (demo student) | NCCL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs:
         meas, mach = r.get("measurements", {}), r.get("machine", {})
         fwd, tc = meas.get("teacher_forward", {}), meas.get("teacher_cache", {})
-        sweep = meas.get("student_sweep", {})
+        sweep, small = meas.get("student_sweep", {}), meas.get("student_sweep_demo_student", {})
         lines.append(
             f"| `{name}` | {mach.get('gpu')}, torch {mach.get('torch')} | {n(fwd.get('eager_views_per_s'))} "
             f"({n(fwd.get('compiled_views_per_s'))}) | {n(tc.get('views_per_s'))} "
@@ -495,7 +486,8 @@ def markdown(runs: list[tuple[str, dict]]) -> list[str]:
             f"{n(meas.get('student_timm_input', {}).get('images_per_s'))} | {n(r.get('b_over_a_224'), '.2f')} | "
             f"{n(meas.get('student_synthetic', {}).get('images_per_s'))} | "
             f"{n(meas.get('student_plain', {}).get('images_per_s'))} | "
-            f"{n(sweep.get('shared_over_separate'), '.2f')} | {'ok' if meas.get('nccl', {}).get('ok') else 'n/a'} |")
+            f"{n(sweep.get('shared_over_separate'), '.2f')} ({n(small.get('shared_over_separate'), '.2f')}) | "
+            f"{'ok' if meas.get('nccl', {}).get('ok') else 'n/a'} |")
     lines += ["", "Code and command of each run: " + "; ".join(f"`{name}`: {r.get('code', 'n/a')}, "
                                                              f"`{r.get('command', 'n/a')}`" for name, r in runs) + "."]
     return lines

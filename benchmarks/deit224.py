@@ -132,35 +132,45 @@ def timm_loader(urls: list[str], batch: int, workers: int, shuffle: int,
                                        prefetch_factor=2 if workers else None)
 
 
-class Models:
-    """The student (with its AdamW) and the online teacher, on `device`, built once per bench run."""
+DeitStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
-    def __init__(self, setup: Setup, device: torch.device):
-        torch.manual_seed(0)
-        self.device = device
-        self.student = timm.create_model(STUDENT, num_classes=CLASSES, drop_path_rate=0.1,
-                                         **setup.student_args).to(device)
-        self.student.set_distilled_training(True)
-        # timm's factory, as DeiT's main.py and the project's trainer build it (no decay on norms and biases)
-        self.optimizer = create_optimizer_v2(self.student, opt="adamw", lr=5e-4, weight_decay=0.05)
-        self.teacher = timm.create_model(setup.teacher, num_classes=CLASSES, **setup.teacher_args)
-        self.teacher = self.teacher.eval().requires_grad_(False).to(device)
-        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step(self, x: torch.Tensor, target: torch.Tensor, teacher_ids: torch.Tensor | None) -> None:
-        """One DeiT step: the class head on the mixed ground truth; the distillation head on it too (A) or
-        on the teacher's argmax (hard distillation: B's loss, C)."""
-        with torch.autocast(**self.autocast):
-            cls_logits, dist_logits = self.student(x)
+def deit_step(device: torch.device, student_args: dict | None = None, compile: bool = False) -> DeitStep:
+    """step(x, target, teacher_ids or None): one plain timm/torch DeiT training step of a fresh student
+    (`STUDENT` with `student_args`), the one every bench side that is not the project's own trainer takes:
+    the class head on the mixed ground truth; the distillation head on it too (no teacher: A) or on the
+    teacher's argmax (hard distillation: C). AdamW from timm's factory, as DeiT's main.py and the project's
+    trainer build it (no decay on norms and biases); bf16 autocast on CUDA; `compile`: torch.compile."""
+    torch.manual_seed(0)
+    model = timm.create_model(STUDENT, num_classes=CLASSES, drop_path_rate=0.1, **(student_args or {})).to(device)
+    model.set_distilled_training(True)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=5e-4, weight_decay=0.05)
+    forward = torch.compile(model) if compile else model
+
+    def step(x: torch.Tensor, target: torch.Tensor, teacher_ids: torch.Tensor | None) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            cls_logits, dist_logits = forward(x)
         base = torch.sum(-target * F.log_softmax(cls_logits.float(), 1), 1).mean()
         if teacher_ids is None:
             distill = torch.sum(-target * F.log_softmax(dist_logits.float(), 1), 1).mean()
         else:
             distill = F.cross_entropy(dist_logits.float(), teacher_ids)
-        loss = 0.5 * base + 0.5 * distill
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        (0.5 * base + 0.5 * distill).backward()
+        optimizer.step()
+
+    return step
+
+
+class Models:
+    """The student's step (`deit_step`) and the online teacher, on `device`, built once per bench run."""
+
+    def __init__(self, setup: Setup, device: torch.device):
+        self.device = device
+        self.step = deit_step(device, setup.student_args)
+        self.teacher = timm.create_model(setup.teacher, num_classes=CLASSES, **setup.teacher_args)
+        self.teacher = self.teacher.eval().requires_grad_(False).to(device)
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     @torch.no_grad()  # not inference_mode: its ids feed the student's loss
     def teacher_ids(self, x: torch.Tensor) -> torch.Tensor:

@@ -190,8 +190,9 @@ def measure(quick: bool = False) -> tuple[dict, str]:
         "column) of every student but one, and the val views of every evaluation but one; what remains is each "
         "student's own forward, backward and optimizer step. `ideal` is (separate - 3 x data path) / separate: "
         "the ratio if the pass saved exactly that. On this CPU a student step at 224 px costs more than rendering "
-        "its batch, so the ratio stays far from 1 / N; on a GPU, where a small student's step costs far less than "
-        "rendering its batch on the CPU, it approaches 1 / N = 0.25.",
+        "its batch, so the ratio stays far from 1 / N. On a GPU, where a small student's step costs far less than "
+        "rendering its batch on the CPU, it should approach 1 / N = 0.25: `make bench-gpu`'s "
+        "`student_sweep_demo_student` measures these students there.",
     ])
     return results, text
 

@@ -226,10 +226,17 @@ def test_bench_gpu_reports_every_measurement_and_each_failure():
     results = {"date": "d", "machine": {"gpu": "H200"}, "errors": {"student_plain": "RuntimeError: boom"},
                "measurements": {"teacher_forward": {"views_per_s": 4321.5, "eager_views_per_s": 4000.0},
                                 "teacher_cache": {"views_per_s": 3000.0, "share_of_teacher_forward": 0.694},
-                                "nccl": {"ok": True, "world_size": 1, "payload_mib": 256.0, "all_reduce_ms": 0.5}}}
+                                "nccl": {"ok": True, "world_size": 1, "payload_mib": 256.0, "all_reduce_ms": 0.5},
+                                "student_sweep_demo_student": {"students": 4, "shared_s": 3.1, "separate_s": 10.0,
+                                                               "shared_over_separate": 0.31}}}
     text = bench_gpu.summary(results)
     assert "4,322 views/s" in text and "3,000 views/s = 0.69 of the forward alone" in text
     assert "FAILED student_plain: RuntimeError: boom" in text and "nccl all-reduce: ok" in text
+    assert "4 demo-student (issue #14) students: one shared pass 3.1 s, one after another 10.0 s" in text
+    assert "DeiT-Ti students" not in text  # only what was measured
+    table = bench_gpu.markdown([("run.json", results | {"command": "c"})])
+    row = next(line for line in table if line.startswith("| `run.json` |"))
+    assert "| n/a (0.31) |" in row  # the DeiT-Ti sweep was not measured, the demo students' was
 
 
 def test_timms_posterize_at_magnitude_ten_gives_black_as_on_older_pillow():
