@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from benchmarks import bench_gpu, deit224, photos, run as bench, stage, student, timing
 from benchmarks.markdown import num
@@ -213,6 +214,28 @@ def test_bench_gpu_skips_cleanly_without_cuda(tmp_path, capsys):
     assert bench_gpu.main(["--out", str(out)]) == 0
     assert "no CUDA device is visible" in capsys.readouterr().out
     assert "skipped" in json.loads(out.read_text())
+
+
+def test_bench_gpu_sweep_trains_four_students_on_one_pass_and_one_after_another(tiny_cache, tmp_path,
+                                                                               one_torch_thread):
+    """The sweep section's code path on the CPU (CI never has the GPU it is run on): the demo student's size,
+    four finished runs on each side, and (on the CPU) the same result for each student either way."""
+    m = tiny_cache.manifest("student.epochs=1", "student.verify_sample=0")
+    s = bench_gpu.Settings(images=0, shard_size=0, teacher_batch=0, student_batch=8, student_epochs=1,
+                           forward_iters=0, step_iters=0, workers=0, compile=False, device="cpu")
+    out = bench_gpu.student_sweep(s, tmp_path, m, bench_gpu.DEMO_STUDENT)
+    assert out["students"] == 4 and out["model_args"] == bench_gpu.DEMO_STUDENT and out["steps"] > 0
+    dirs = {side: [tmp_path / "sweep" / "demo-student" / side / f"student-{i}" for i in range(4)]
+            for side in ("shared", "separate")}
+    sides = {side: [json.loads((d / "result.json").read_text()) for d in ds] for side, ds in dirs.items()}
+    for side, results in sides.items():
+        assert [r["config"]["student"]["distillation"] for r in results] == ["hard", "soft", "none", "hard"]
+        assert all(r["config"]["student"]["model_args"] == bench_gpu.DEMO_STUDENT for r in results)
+        assert [r["pass_runs"] for r in results] == ([4] * 4 if side == "shared" else [1] * 4)
+    for shared, separate in zip(dirs["shared"], dirs["separate"]):  # bit-identical on the CPU
+        a, b = load_file(shared / "model.safetensors"), load_file(separate / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sides["shared"][3]["config"]["student"]["optim"]["lr"] == 2 * m.student.optim.lr
 
 
 def test_bench_gpu_all_reduce_sums_over_a_one_rank_group():
