@@ -23,7 +23,9 @@ Measures, each on its own so that one failure still reports the others:
 - `nccl`: an all-reduce over NCCL (a one-rank group on a single GPU, the torchrun group under torchrun),
   checked for the right sum, with its bus bandwidth.
 
-Writes JSON to `--out` and prints a summary. Without CUDA it prints why and writes {"skipped": ...}.
+Writes JSON to `--out` and prints a summary; `--record NAME` also keeps it as `gpu_runs/NAME.json` and rewrites
+BENCHMARKS.md's GPU table from every kept run (`--record NAME --from FILE`: keep a run made elsewhere, e.g. the
+`--out` brought back from a lent GPU machine, without running anything). Without CUDA it prints why and writes {"skipped": ...}.
 Needs only the project's dependencies (torch, timm, numpy, Pillow, zarr, webdataset); sample photos from
 scikit-learn/matplotlib are used when installed, synthetic colour fields otherwise.
 """
@@ -375,9 +377,10 @@ def _attempt(results: dict, name: str, fn):
     return value
 
 
-def run(s: Settings, out: Path, work: Path) -> dict:
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(s.device),
-               "settings": dataclasses.asdict(s), "measurements": {}, "errors": {}, "tracebacks": {}, "seconds": {}}
+def run(s: Settings, out: Path, work: Path, command: str = "") -> dict:
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command, "code": _code(),
+               "machine": machine(s.device), "settings": dataclasses.asdict(s), "measurements": {}, "errors": {},
+               "tracebacks": {}, "seconds": {}}
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -457,6 +460,52 @@ def recorded() -> list[tuple[str, dict]]:
     return [(path.name, json.loads(path.read_text())) for path in sorted(RECORDED.glob("*.json"))]
 
 
+GPU_HEADING = "## GPU (`make bench-gpu`, recorded runs)"
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def _code() -> str:
+    """The commit the run measured (with "+ changes" when the tree differs from it), for the recorded file."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head}{' + uncommitted changes' if dirty else ''}"
+
+
+def record(results: dict, name: str, benchmarks_md: Path) -> Path:
+    """Keep a run: its JSON as `gpu_runs/<name>.json`, and the GPU section of `benchmarks_md` rewritten from
+    every recorded run (the rest of the file is left as it is). A run made where the commit could not be read
+    (a copy of the tree without .git, as on a lent machine) gets this checkout's, marked as such."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"--record {name!r}: give a plain file name such as 2026-12-07-h100")
+    if "skipped" in results or "measurements" not in results:
+        raise ValueError(f"--record {name}: the run measured nothing ({results.get('skipped', 'no measurements')})")
+    path = RECORDED / f"{name.removesuffix('.json')}.json"
+    if path.exists():
+        raise FileExistsError(f"{path} is recorded already: choose another --record name")
+    code = results.get("code") or "unknown"
+    if code.startswith("unknown"):
+        code = f"{_code()} (the checkout that recorded the run)"
+    path.write_text(json.dumps({**results, "code": code}, indent=2, default=str) + "\n")
+    text = benchmarks_md.read_text()
+    section = "\n".join(markdown(recorded())) + "\n"
+    if GPU_HEADING in text:
+        start = text.index(GPU_HEADING)
+        end = text.find("\n## ", start + len(GPU_HEADING))
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    benchmarks_md.write_text(text)
+    return path
+
+
 def markdown(runs: list[tuple[str, dict]]) -> list[str]:
     """BENCHMARKS.md's GPU section: one row per recorded `make bench-gpu` run (`benchmarks/gpu_runs/`)."""
     if not runs:
@@ -465,7 +514,7 @@ def markdown(runs: list[tuple[str, dict]]) -> list[str]:
     def n(value, digits: str = ",.0f") -> str:
         return "n/a" if value is None else format(value, digits)
 
-    lines = ["## GPU (`make bench-gpu`, recorded runs)", "",
+    lines = [GPU_HEADING, "",
              "Each row is one `benchmarks/bench_gpu.py` run on a lent GPU, its JSON kept in `benchmarks/gpu_runs/` "
              "(the command and the code it ran are in the file). Stage 1 is `regnety_160` (random weights, 224 px, "
              "bf16, channels_last) over generated ImageNet-like JPEG shards with DeiT's recipe; the student is "
@@ -504,7 +553,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=None, help="train photos to generate [(2 x workers + 2) x 128; quick (workers + 2) x 128]")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a smoke run of every code path with tiny batches (numbers meaningless) [cuda]")
+    parser.add_argument("--record", metavar="NAME", default=None,
+                        help="keep the run as benchmarks/gpu_runs/NAME.json and rewrite BENCHMARKS.md's GPU table")
+    parser.add_argument("--from", dest="source", metavar="FILE", default=None,
+                        help="with --record: keep the run already in FILE (a --out of a GPU machine) instead of running")
     args = parser.parse_args(argv)
+    if args.source:
+        if not args.record:
+            parser.error("--from FILE needs --record NAME")
+        try:
+            kept = record(json.loads(Path(args.source).read_text()), args.record, BENCHMARKS_MD)
+        except (OSError, ValueError) as e:  # FileExistsError, JSONDecodeError too
+            parser.exit(2, f"bench-gpu: cannot record {args.source}: {e}\n")
+        print(f"bench-gpu: recorded {args.source} as {kept} and rewrote BENCHMARKS.md's GPU table")
+        return 0
     out = Path(args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         reason = "no CUDA device is visible (torch.cuda.is_available() is False): bench-gpu skipped"
@@ -522,9 +584,18 @@ def main(argv: list[str] | None = None) -> int:
                  student_epochs=2, forward_iters=2 if smoke else 5 if args.quick else 20,
                  step_iters=2 if smoke else 5 if args.quick else 30, workers=workers, compile=args.compile,
                  device=args.device)
-    results = run(s, out, Path(args.work) if args.work else out.parent / "gpu-work")
+    if args.record and smoke:
+        parser.error("--record keeps GPU runs only; a --device cpu run's numbers are meaningless")
+    command = "python -m benchmarks.bench_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = run(s, out, Path(args.work) if args.work else out.parent / "gpu-work", command.strip())
     print(summary(results))
     print(f"bench-gpu: wrote {out}")
+    if args.record:
+        try:
+            kept = record(results, args.record, BENCHMARKS_MD)
+        except (OSError, ValueError) as e:
+            parser.exit(2, f"bench-gpu: the run is in {out} but was not recorded: {e}\n")
+        print(f"bench-gpu: recorded {kept} and rewrote BENCHMARKS.md's GPU table")
     return 0
 
 

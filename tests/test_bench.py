@@ -262,6 +262,40 @@ def test_bench_gpu_reports_every_measurement_and_each_failure():
     assert "| n/a (0.31) |" in row  # the DeiT-Ti sweep was not measured, the demo students' was
 
 
+def test_bench_gpu_record_keeps_the_run_and_rewrites_only_the_gpu_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_gpu, "RECORDED", tmp_path / "gpu_runs")
+    monkeypatch.setattr(bench_gpu, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    bench_gpu.RECORDED.mkdir()
+    old = {"date": "d0", "machine": {"gpu": "H200", "torch": "2.11"}, "errors": {},
+           "measurements": {"student_sweep": {"shared_over_separate": 0.42}}, "command": "old", "code": "abc"}
+    (bench_gpu.RECORDED / "2026-12-04-h200.json").write_text(json.dumps(old))
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## Goals\n\ngoals table\n\n" + "\n".join(bench_gpu.markdown(bench_gpu.recorded()))
+                  + "\n\n## The real setting\n\nstays\n")
+    new = {"date": "d1", "machine": {"gpu": "H100", "torch": "2.14"}, "errors": {}, "command": "python -m x",
+           "code": "unknown (not a git checkout)",  # a copy of the tree on a lent machine
+           "measurements": {"student_sweep_demo_student": {"shared_over_separate": 0.3}}}
+    (tmp_path / "gpu.json").write_text(json.dumps(new))
+    assert bench_gpu.main(["--record", "2026-12-07-h100", "--from", str(tmp_path / "gpu.json")]) == 0
+    kept = bench_gpu.RECORDED / "2026-12-07-h100.json"
+    saved = json.loads(kept.read_text())
+    assert saved["command"] == "python -m x" and saved["date"] == "d1"
+    assert saved["code"] == f"{bench_gpu._code()} (the checkout that recorded the run)"
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\n## Goals\n\ngoals table\n\n## GPU") and text.endswith("## The real setting\n\nstays\n")
+    rows = [line for line in text.splitlines() if line.startswith("| `2026-12-")]
+    assert len(rows) == 2 and "| 0.42 (n/a) |" in rows[0] and "| H100, torch 2.14 |" in rows[1] and "| n/a (0.30) |" in rows[1]
+    with pytest.raises(FileExistsError, match="recorded already"):
+        bench_gpu.record(new, "2026-12-07-h100", md)
+    with pytest.raises(ValueError, match="plain file name"):
+        bench_gpu.record(new, "../elsewhere", md)
+    (tmp_path / "skipped.json").write_text(json.dumps({"skipped": "no CUDA device is visible"}))
+    with pytest.raises(SystemExit) as stop:  # a clear line, no traceback, nothing written
+        bench_gpu.main(["--record", "2026-12-08", "--from", str(tmp_path / "skipped.json")])
+    assert stop.value.code == 2 and "measured nothing (no CUDA device is visible)" in capsys.readouterr().err
+    assert sorted(p.name for p in bench_gpu.RECORDED.iterdir()) == ["2026-12-04-h200.json", "2026-12-07-h100.json"]
+
+
 def test_timms_posterize_at_magnitude_ten_gives_black_as_on_older_pillow():
     """timm's rand-m9 draws PosterizeIncreasing down to 0 bits; Pillow >= 13 refuses 0 bits, so A's transform
     patches the op to what older Pillow (and the project's renderer) gives: black."""
