@@ -465,18 +465,10 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def _code() -> str:
-    """The commit the run measured (with "+ changes" when the tree differs from it), for the recorded file."""
-    import subprocess
+    """The commit the run measured (`-dirty`: with uncommitted changes), for the recorded file."""
+    from pipeline.demo import commit
 
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"{head}{' + uncommitted changes' if dirty else ''}"
+    return commit(Path(__file__).resolve().parents[1]) or "unknown (not a git checkout)"
 
 
 def record(results: dict, name: str, benchmarks_md: Path) -> Path:
