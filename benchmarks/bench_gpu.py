@@ -225,11 +225,12 @@ def student_sweep(s: Settings, work: Path, m, model_args: dict | None = None) ->
 
     variants = (("hard", 1.0), ("soft", 1.0), ("none", 1.0), ("hard", 2.0))
     tag = "demo-student" if model_args else "deit-tiny"
+    model_args = model_args or m.student.model_args
 
     def students(side: str) -> list:
         return [dataclasses.replace(m, student=dataclasses.replace(
             m.student, distillation=mode, optim=dataclasses.replace(m.student.optim, lr=m.student.optim.lr * scale),
-            model_args=model_args or m.student.model_args, run_dir=str(work / "sweep" / tag / side / f"student-{i}")))
+            model_args=model_args, run_dir=str(work / "sweep" / tag / side / f"student-{i}")))
             for i, (mode, scale) in enumerate(variants)]
 
     started = time.perf_counter()
@@ -242,7 +243,7 @@ def student_sweep(s: Settings, work: Path, m, model_args: dict | None = None) ->
     for one in students("separate"):
         train(one, World(0, 1, None), progress=False)
     separate = time.perf_counter() - started
-    return {"students": len(variants), "model_args": model_args or m.student.model_args, "epochs": m.student.epochs,
+    return {"students": len(variants), "model_args": model_args, "epochs": m.student.epochs,
             "batch": m.student.batch_size, "steps": results[0]["steps"], "shared_s": round(shared, 2),
             "separate_s": round(separate, 2), "shared_over_separate": shared / separate}
 

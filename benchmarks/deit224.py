@@ -84,6 +84,11 @@ class Setup:
     filler: str  # the stand-in teacher that fills B's cache
     filler_args: dict
 
+    @property
+    def loop_batches(self) -> int:
+        """Batches each training loop takes per repetition: its warm-up steps, then its timed steps."""
+        return self.warmup_steps + self.loop_steps
+
 
 FULL = Setup(photos=512, photo_shard=128, warmup_steps=3, loop_steps=5, batch=8, workers=1, reps=2, model_calls=1,
              loader_photos=128, loader_epochs=4, student_args={}, teacher="regnety_160", teacher_args={}, filler="regnety_002", filler_args={})
@@ -184,10 +189,9 @@ def _sync(device: torch.device) -> None:
 
 
 def timm_loop(models: Models, urls: list[str], setup: Setup, online: bool) -> list[float]:
-    """Per-step images/s of A (or C with `online`) over `warmup_steps + loop_steps` batches."""
+    """Per-step images/s of A (or C with `online`) over `setup.loop_batches` batches."""
     mixup, device, rates = timm_mixup(), models.device, []
-    steps = setup.warmup_steps + setup.loop_steps
-    loader = timm_loader(urls, setup.batch, setup.workers, shuffle=setup.batch * steps)
+    loader = timm_loader(urls, setup.batch, setup.workers, shuffle=setup.batch * setup.loop_batches)
     tick = time.perf_counter()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -199,7 +203,7 @@ def timm_loop(models: Models, urls: list[str], setup: Setup, online: bool) -> li
         now = time.perf_counter()
         rates.append(setup.batch / (now - tick))
         tick = now
-        if len(rates) == steps:
+        if len(rates) == setup.loop_batches:
             break
     return rates
 
@@ -405,7 +409,7 @@ def measure(work: Path, photo_dir: Path, quick: bool, device: str = "cpu") -> di
     kind = "quick" if quick else "full"
     photos = write_photo_shards(photo_dir / f"{kind}-replay", setup.photos, setup.photo_shard, CLASSES, seed=0,
                                 prefix="photo")
-    loop_count = setup.batch * (setup.warmup_steps + setup.loop_steps)
+    loop_count = setup.batch * setup.loop_batches
     loop_list = write_photo_shards(photo_dir / f"{kind}-loop-b{setup.batch}", loop_count, loop_count, CLASSES,
                                    seed=1, prefix="loop")
     val_list = write_photo_shards(photo_dir / f"{kind}-val", 16, 16, CLASSES, seed=2, prefix="val")
